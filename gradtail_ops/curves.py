@@ -1,0 +1,169 @@
+"""The weighting curves: map alignments to per-example loss weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._checks import compute_dtype, namespace
+
+__all__ = ["CURVES", "WeightCurve", "weight_curve"]
+
+Array = Any
+Curve = Literal["sigmoid", "spare_negative", "rank", "zscore"]
+CURVES: tuple[str, ...] = ("sigmoid", "spare_negative", "rank", "zscore")
+
+
+def _sigmoid(xp: Any, x: Array) -> Array:
+    # exp of a non-positive argument only: no overflow for any finite x.
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _finite_or(xp: Any, a: Array, fill: float) -> Array:
+    return xp.where(xp.isfinite(a), a, xp.full_like(a, fill))
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
+    if not isinstance(value, (int, float)):
+        return  # traced or array values are the caller's responsibility under jit
+    ok = (low < value if open_low else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}]; Received: {name}={value}.")
+
+
+def weight_curve(
+    alignment: Array,
+    /,
+    *,
+    kind: Curve = "sigmoid",
+    max_weight: float = 3.0,
+    threshold: float = 0.0,
+    temperature: float = 0.1,
+    quantile: float = 0.3,
+    floor: float = -0.5,
+    normalize: bool = False,
+) -> Array:
+    """Per-example loss weights from alignments: low alignment, higher weight.
+
+    GradTail (Chen et al., 2022, arXiv:2201.05938) upweights examples whose gradient
+    disagrees with the running reference. The curve family is ours (see docs/method.md):
+
+    - ``"sigmoid"``: ``1 + (max_weight - 1) * sigmoid((threshold - a) / temperature)``.
+    - ``"spare_negative"``: the sigmoid times ``sigmoid((a - floor) / temperature)``, so
+      strongly negative alignments (often label noise) fall back towards weight 1. The
+      only member that is not monotone, by design.
+    - ``"rank"``: batch-relative; weight ``max_weight`` for the examples whose alignment
+      is below that of at least a ``1 - quantile`` share of the batch (strictly fewer than
+      ``quantile * n`` finite alignments lie below theirs), 1 otherwise. Ties share a
+      weight.
+    - ``"zscore"``: batch-relative; the sigmoid applied to the alignment standardised
+      over the batch's finite entries, ``threshold`` in standard deviations.
+
+    All but ``"spare_negative"`` are non-increasing in the alignment; all lie in
+    [1, max_weight] before normalisation.
+
+    Parameters
+    ----------
+    alignment : array, shape (B,)
+        Alignments, usually in [-1, 1]. Non-finite entries get weight 1 and are left out
+        of the batch statistics of the batch-relative curves.
+    kind : {"sigmoid", "spare_negative", "rank", "zscore"}, optional
+        The curve. Defaults to "sigmoid".
+    max_weight : float, optional
+        Largest weight, >= 1; 1 turns weighting off. Defaults to 3.0.
+    threshold : float, optional
+        Alignment (or z-score for "zscore") at the sigmoid's midpoint. Defaults to 0.0.
+    temperature : float, optional
+        Width of the sigmoid transitions, > 0. Defaults to 0.1.
+    quantile : float, optional
+        Share of the batch upweighted by "rank", in [0, 1]. Defaults to 0.3.
+    floor : float, optional
+        Alignment below which "spare_negative" stops upweighting. Defaults to -0.5.
+    normalize : bool, optional
+        Divide by the batch mean weight so the weights average 1 (keeps the loss scale and
+        the effective learning rate). Defaults to False.
+
+    Returns
+    -------
+    array, shape (B,)
+        Finite weights in the alignment's dtype (at least float32), on its device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> weight_curve(np.array([-1.0, 0.0, 1.0]), max_weight=3.0)
+    array([2.9999092, 2.       , 1.0000908])
+    >>> weight_curve(np.array([0.1, 0.5, 0.9, 0.2]), kind="rank", quantile=0.5)
+    array([3., 1., 1., 3.])
+    """
+    xp = namespace(alignment)
+    dtype = compute_dtype(xp, alignment=alignment)
+    if alignment.ndim != 1:
+        raise ValueError(f"`alignment` must have shape (B,); Received: shape {tuple(alignment.shape)}.")
+    if kind not in CURVES:
+        raise ValueError(f"`kind` must be one of {CURVES}; Received: kind={kind!r}.")
+    _check_number("max_weight", max_weight, 1.0, float("inf"))
+    _check_number("temperature", temperature, 0.0, float("inf"), open_low=True)
+    _check_number("quantile", quantile, 0.0, 1.0)
+    a = xp.astype(alignment, dtype, copy=False)
+    finite = xp.isfinite(a)
+    safe = _finite_or(xp, a, 0.0)
+    if kind == "sigmoid":
+        bump = _sigmoid(xp, (threshold - safe) / temperature)
+    elif kind == "spare_negative":
+        bump = _sigmoid(xp, (threshold - safe) / temperature) * _sigmoid(xp, (safe - floor) / temperature)
+    elif kind == "rank":
+        # Number of finite alignments strictly below each one: ties share a rank, so the
+        # curve stays non-increasing; non-finite entries sort last as +inf.
+        keyed = _finite_or(xp, a, float("inf"))
+        below = xp.searchsorted(xp.sort(keyed), keyed, side="left")
+        count = xp.sum(xp.astype(finite, dtype))
+        bump = xp.astype(xp.astype(below, dtype) < quantile * count, dtype)
+    else:
+        n = xp.maximum(xp.sum(xp.astype(finite, dtype)), xp.asarray(1.0, dtype=dtype))
+        mu = xp.sum(safe * xp.astype(finite, dtype)) / n
+        var = xp.sum(xp.where(finite, (safe - mu) ** 2, xp.zeros_like(safe))) / n
+        z = (safe - mu) / xp.sqrt(var + xp.finfo(dtype).eps)
+        bump = _sigmoid(xp, (threshold - z) / temperature)
+    weights = 1.0 + (max_weight - 1.0) * bump
+    weights = xp.where(finite, weights, xp.ones_like(weights))
+    if normalize:
+        weights = weights / xp.mean(weights)
+    return weights
+
+
+@dataclass(frozen=True)
+class WeightCurve:
+    """A weighting curve with its options bound: ``WeightCurve(...)(alignment)``.
+
+    Frozen and hashable, so it can be a static argument under ``jax.jit``. The fields are
+    the keyword options of `weight_curve`, with the same defaults.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> WeightCurve(kind="rank", quantile=0.5)(np.array([0.1, 0.9]))
+    array([3., 1.])
+    """
+
+    kind: Curve = "sigmoid"
+    max_weight: float = 3.0
+    threshold: float = 0.0
+    temperature: float = 0.1
+    quantile: float = 0.3
+    floor: float = -0.5
+    normalize: bool = False
+
+    def __call__(self, alignment: Array, /) -> Array:
+        return weight_curve(
+            alignment,
+            kind=self.kind,
+            max_weight=self.max_weight,
+            threshold=self.threshold,
+            temperature=self.temperature,
+            quantile=self.quantile,
+            floor=self.floor,
+            normalize=self.normalize,
+        )

@@ -1,0 +1,22 @@
+"""The library's default formulation, in one place for the core and every adapter.
+
+Chosen from measurements, not by taste: the evidence behind each value, and the command
+that regenerates it, is in docs/method.md ("Defaults and their evidence").
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .curves import WeightCurve
+
+__all__ = ["DEFAULT_CURVE", "DEFAULT_DECAY", "DEFAULT_REFERENCE", "DEFAULT_WARMUP_STEPS"]
+
+#: EMA decay of the reference gradient.
+DEFAULT_DECAY: float = 0.99
+#: Reference kind: the EMA of the batch mean of unit-normalised per-example gradients.
+DEFAULT_REFERENCE: Final = "direction"
+#: Lowest 30% of each batch by alignment weighted 3x, then normalised to batch mean 1.
+DEFAULT_CURVE = WeightCurve(kind="rank", max_weight=3.0, quantile=0.3, normalize=True)
+#: Reference updates with weight 1 before weighting starts (the first call is always 1).
+DEFAULT_WARMUP_STEPS: int = 0
