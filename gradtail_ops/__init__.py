@@ -8,6 +8,7 @@ it imports no framework.
 
 from .alignment import alignment, cosine_from_dots, dense_dots_and_sq_norms
 from .curves import CURVES, WeightCurve, weight_curve
+from .defaults import DEFAULT_CURVE, DEFAULT_DECAY, DEFAULT_REFERENCE, DEFAULT_WARMUP_STEPS
 from .ema import EMAState, ema_init, ema_mean, ema_update
 from .linear import (
     linear_alignment,
@@ -17,7 +18,6 @@ from .linear import (
     multi_linear_alignment,
     multi_linear_dots_and_sq_norms,
 )
-from .defaults import DEFAULT_CURVE, DEFAULT_DECAY, DEFAULT_REFERENCE, DEFAULT_WARMUP_STEPS
 from .step import (
     REFERENCES,
     GradTailOutput,

@@ -28,8 +28,7 @@ def namespace(*arrays: Any) -> ModuleType:
     except TypeError as exc:
         kinds = sorted({f"{type(a).__module__}.{type(a).__qualname__}" for a in arrays})
         raise TypeError(
-            "All array arguments must come from one array library; "
-            f"Received: {', '.join(kinds)}. ({exc})"
+            f"All array arguments must come from one array library; Received: {', '.join(kinds)}. ({exc})"
         ) from None
 
 
@@ -76,8 +75,7 @@ def check_shape(name: str, array: Any, expected: tuple[int, ...], what: str) -> 
     """Raise ValueError unless ``array.shape == expected``."""
     if tuple(array.shape) != tuple(expected):
         raise ValueError(
-            f"`{name}` must have shape {tuple(expected)} ({what}); "
-            f"Received: shape {tuple(array.shape)}."
+            f"`{name}` must have shape {tuple(expected)} ({what}); Received: shape {tuple(array.shape)}."
         )
 
 

@@ -45,15 +45,16 @@ def cosine_from_dots(
     array([0.5, 0. ])
     """
     xp = namespace(dots) if xp is None else xp
-    norms = xp.sqrt(sq_norms)
+    finite = xp.isfinite(dots) & xp.isfinite(sq_norms)
+    # Mask before dividing: non-finite examples are marked NaN at the end, without
+    # floating-point warnings on the way.
+    zeros = xp.zeros_like(dots)
+    norms = xp.sqrt(xp.where(finite, sq_norms, zeros))
     ref_norm = xp.sqrt(ref_sq_norm)
     denom = norms * ref_norm
-    nonzero = (norms > eps) & (ref_norm > eps) & (denom > 0)
-    safe = xp.where(nonzero, denom, xp.ones_like(denom))
-    cos = xp.clip(dots / safe, -1.0, 1.0)
-    cos = xp.where(nonzero, cos, xp.zeros_like(cos))
-    finite = xp.isfinite(dots) & xp.isfinite(sq_norms)
-    return xp.where(finite, cos, xp.full_like(cos, float("nan")))
+    nonzero = finite & (norms > eps) & (ref_norm > eps) & (denom > 0)
+    cos = xp.where(nonzero, xp.where(finite, dots, zeros) / xp.where(nonzero, denom, zeros + 1.0), zeros)
+    return xp.where(finite, xp.clip(cos, -1.0, 1.0), xp.full_like(cos, float("nan")))
 
 
 def dense_dots_and_sq_norms(per_sample_grads: Any, mean_grad: Any, /) -> tuple[Array, Array, Array]:
@@ -93,7 +94,9 @@ def dense_dots_and_sq_norms(per_sample_grads: Any, mean_grad: Any, /) -> tuple[A
                 f"All per-example gradients must share the batch size {batch}; "
                 f"Received: per_sample_grads[{k}] with shape {tuple(g.shape)}."
             )
-        check_shape(f"mean_grad[{k}]", m, tuple(g.shape[1:]), f"per_sample_grads[{k}] has shape {tuple(g.shape)}")
+        check_shape(
+            f"mean_grad[{k}]", m, tuple(g.shape[1:]), f"per_sample_grads[{k}] has shape {tuple(g.shape)}"
+        )
         flat = xp.reshape(xp.astype(g, dtype, copy=False), (batch, -1))
         vec = xp.reshape(xp.astype(m, dtype, copy=False), (-1,))
         part_dots, part_sq, part_ref = flat @ vec, xp.vecdot(flat, flat), xp.vecdot(vec, vec)

@@ -157,6 +157,7 @@ class WeightCurve:
     normalize: bool = False
 
     def __call__(self, alignment: Array, /) -> Array:
+        """Weights for ``alignment`` (shape (B,)); see `weight_curve`."""
         return weight_curve(
             alignment,
             kind=self.kind,

@@ -125,7 +125,9 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
         d = xp.clip(xp.astype(decay, dtype), 0.0, 1.0)
     finite = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in new]))
     total = d * state.total + (1.0 - d)
-    rate = xp.where(total > 0, (1.0 - d) / xp.where(total > 0, total, xp.ones_like(total)), xp.zeros_like(total))
+    rate = xp.where(
+        total > 0, (1.0 - d) / xp.where(total > 0, total, xp.ones_like(total)), xp.zeros_like(total)
+    )
 
     def step(m: Array, g: Array) -> Array:
         g = xp.astype(g, dtype, copy=False)

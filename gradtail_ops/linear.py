@@ -38,8 +38,7 @@ def _factors(inputs: Array, output_grads: Array, extra: dict[str, Array]) -> tup
     dtype = compute_dtype(xp, inputs=inputs, output_grads=output_grads, **extra)
     if inputs.ndim not in (2, 3):
         raise ValueError(
-            "`inputs` must have shape (B, d_in) or (B, T, d_in); "
-            f"Received: shape {tuple(inputs.shape)}."
+            f"`inputs` must have shape (B, d_in) or (B, T, d_in); Received: shape {tuple(inputs.shape)}."
         )
     if output_grads.ndim != inputs.ndim or output_grads.shape[:-1] != inputs.shape[:-1]:
         lead = "(B, T, d_out)" if inputs.ndim == 3 else "(B, d_out)"
@@ -105,7 +104,9 @@ def _bias_sums(xp: ModuleType, d: Array) -> Array:
     return d if d.ndim == 2 else xp.sum(d, axis=1)
 
 
-def linear_sq_norms(inputs: Array, output_grads: Array, /, *, bias: bool = True, method: Method = "auto") -> Array:
+def linear_sq_norms(
+    inputs: Array, output_grads: Array, /, *, bias: bool = True, method: Method = "auto"
+) -> Array:
     """Squared norm of each example's gradient of a linear layer, without building it.
 
     Parameters
@@ -257,7 +258,9 @@ def linear_alignment(
     >>> linear_alignment(a, d, np.array([[1.0, 0.0]]))
     array([1., 0.])
     """
-    dots, sq, ref = linear_dots_and_sq_norms(inputs, output_grads, mean_weight_grad, mean_bias_grad, method=method)
+    dots, sq, ref = linear_dots_and_sq_norms(
+        inputs, output_grads, mean_weight_grad, mean_bias_grad, method=method
+    )
     return cosine_from_dots(dots, sq, ref, eps=eps)
 
 

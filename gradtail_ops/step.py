@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
-from ._checks import namespace
+from ._checks import check_shape, compute_dtype, namespace
 from ._tree import leaves, map_leaves
 from .alignment import cosine_from_dots, dense_dots_and_sq_norms
 from .curves import WeightCurve
@@ -67,14 +67,18 @@ def inverse_norms(sq_norms: Array, /) -> Array:
     """
     xp = namespace(sq_norms)
     positive = sq_norms > 0
-    return xp.where(positive, 1.0 / xp.sqrt(xp.where(positive, sq_norms, xp.ones_like(sq_norms))), 0.0 * sq_norms)
+    return xp.where(
+        positive, 1.0 / xp.sqrt(xp.where(positive, sq_norms, xp.ones_like(sq_norms))), 0.0 * sq_norms
+    )
 
 
 def _check_options(reference: str, warmup_steps: int) -> None:
     if reference not in REFERENCES:
         raise ValueError(f"`reference` must be one of {REFERENCES}; Received: reference={reference!r}.")
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"`warmup_steps` must be a non-negative int; Received: warmup_steps={warmup_steps!r}.")
+        raise ValueError(
+            f"`warmup_steps` must be a non-negative int; Received: warmup_steps={warmup_steps!r}."
+        )
 
 
 def _finish(
@@ -171,8 +175,17 @@ def score_and_update(
     coef = inverse_norms(sq) if reference == "direction" else None
     batch_reference = weighted_batch_mean(per_sample_grads, coef)
     return _finish(
-        xp, state, dots, sq, ref_sq, batch_reference,
-        decay=decay, curve=curve, warmup_steps=warmup_steps, eps=eps, reduce_mean=reduce_mean,
+        xp,
+        state,
+        dots,
+        sq,
+        ref_sq,
+        batch_reference,
+        decay=decay,
+        curve=curve,
+        warmup_steps=warmup_steps,
+        eps=eps,
+        reduce_mean=reduce_mean,
     )
 
 
@@ -235,8 +248,17 @@ def linear_score_and_update(
         )
     )
     return _finish(
-        xp, state, dots, sq, ref_sq, batch_reference,
-        decay=decay, curve=curve, warmup_steps=warmup_steps, eps=eps, reduce_mean=reduce_mean,
+        xp,
+        state,
+        dots,
+        sq,
+        ref_sq,
+        batch_reference,
+        decay=decay,
+        curve=curve,
+        warmup_steps=warmup_steps,
+        eps=eps,
+        reduce_mean=reduce_mean,
     )
 
 
@@ -260,8 +282,6 @@ def weighted_batch_mean(per_sample_grads: Any, example_weights: Array | None = N
     >>> weighted_batch_mean(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([1.0, 0.0]))
     array([0.5, 1. ])
     """
-    from ._checks import compute_dtype  # local: keeps the public import list short
-
     def one(g: Array) -> Array:
         xp = namespace(g) if example_weights is None else namespace(g, example_weights)
         dtype = compute_dtype(xp, per_sample_grads=g)
@@ -270,10 +290,7 @@ def weighted_batch_mean(per_sample_grads: Any, example_weights: Array | None = N
         if example_weights is None:
             total = xp.sum(flat, axis=0)
         else:
-            if tuple(example_weights.shape) != (batch,):
-                raise ValueError(
-                    f"`example_weights` must have shape ({batch},); Received: shape {tuple(example_weights.shape)}."
-                )
+            check_shape("example_weights", example_weights, (batch,), "one coefficient per example")
             total = xp.astype(example_weights, dtype, copy=False) @ flat
         return xp.reshape(total / batch, tuple(g.shape[1:]))
 

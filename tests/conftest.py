@@ -98,7 +98,9 @@ def to_numpy(x: Any) -> np.ndarray:
     if mod.startswith("cupy"):
         out = x.get()
     elif mod.startswith("torch"):
-        out = x.detach().cpu().float().numpy() if str(x.dtype) == "torch.bfloat16" else x.detach().cpu().numpy()
+        out = (
+            x.detach().cpu().float().numpy() if str(x.dtype) == "torch.bfloat16" else x.detach().cpu().numpy()
+        )
     elif mod.startswith("array_api_strict"):
         out = np.from_dlpack(x)
     else:

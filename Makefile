@@ -1,0 +1,46 @@
+# gradtail: `make demo` runs the main job, `make test` runs the whole suite.
+# Both set up .venv from a fresh clone with only python3 on the machine.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned (2.13.0, a CPU build on local disk) through the `torch` extra.
+EXTRAS := torch,jax,test,lint,bench
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv test lint typecheck unit demo bench docs-figures gpu-check clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+
+test: lint typecheck unit
+
+bench: venv
+	$(BIN)/python benchmarks/core_ops.py
+	$(BIN)/python benchmarks/render_tables.py
+
+docs-figures: venv
+	$(BIN)/python docs/make_curve_figure.py
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,455 @@
+"""`GradTail`: forward hooks on nn.Linear modules and the factored GradTail step."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gradtail_ops import (
+    DEFAULT_CURVE,
+    DEFAULT_DECAY,
+    DEFAULT_REFERENCE,
+    DEFAULT_WARMUP_STEPS,
+    REFERENCES,
+    EMAState,
+    ema_init,
+    linear_mean_grad,
+    linear_score_and_update,
+)
+from gradtail_ops.curves import Curve
+
+from ._distributed import distributed_mean
+from ._graph import inspect_graph
+
+__all__ = ["GradTail"]
+
+
+class _Record:
+    """What one tracked layer saw in the current step."""
+
+    __slots__ = ("calls", "inputs", "output")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.inputs: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+
+def _collect_linears(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.Linear], nn.Module | None]:
+    """The tracked layers, and the root module when a whole model was given."""
+    if isinstance(modules, nn.Linear):
+        return [modules], None
+    if isinstance(modules, nn.Module):
+        root = getattr(modules, "_orig_mod", modules)  # a torch.compile'd model wraps the original
+        linears = [m for m in root.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                "GradTail(module) tracks the module's nn.Linear submodules, but there are none; "
+                f"Received: {type(modules).__name__}."
+            )
+        return linears, root
+    linears = list(modules)
+    if not linears:
+        raise ValueError("GradTail needs at least one nn.Linear to track; Received: an empty sequence.")
+    for k, m in enumerate(linears):
+        if not isinstance(m, nn.Linear):
+            raise TypeError(
+                "GradTail tracks nn.Linear modules (pass a whole model to track all of its Linear "
+                f"layers); Received: {type(m).__name__} at position {k}."
+            )
+    if len({id(m) for m in linears}) != len(linears):
+        raise ValueError("GradTail received the same nn.Linear more than once.")
+    return linears, None
+
+
+class GradTail:
+    """GradTail sample weighting for PyTorch: hooks on ``nn.Linear`` layers.
+
+    Each step scores every example by the cosine between its gradient on the tracked
+    layers and a running reference gradient, and turns low alignment into a higher loss
+    weight (Chen et al., 2022, "GradTail", arXiv:2201.05938; formulation and defaults in
+    docs/method.md). The per-example gradients are never built: forward hooks keep each
+    tracked layer's input and output, and one ``torch.autograd.grad`` call gives every
+    example's output gradient; the factored ops of `gradtail_ops` do the rest.
+
+    Parameters
+    ----------
+    modules : nn.Linear, sequence of nn.Linear, or nn.Module
+        The layers to score, jointly (one cosine over all of them). A module that is not an
+        ``nn.Linear`` means all of its ``nn.Linear`` submodules.
+    decay : float, optional
+        EMA decay of the reference. Defaults to ``gradtail_ops.DEFAULT_DECAY`` (0.99).
+    reference : {"mean", "direction"}, optional
+        EMA of the plain batch-mean gradient, or of the batch mean of unit-normalised
+        per-example gradients. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
+    warmup_steps : int, optional
+        Steps with weight 1 while the reference builds up (the first step always is).
+        Defaults to 0.
+    kind, max_weight, threshold, temperature, quantile, floor, normalize
+        The weighting curve (see `gradtail_ops.weight_curve`). Defaults to
+        ``gradtail_ops.DEFAULT_CURVE``: ``kind="rank"``, ``quantile=0.3``,
+        ``max_weight=3.0``, ``normalize=True``.
+    eps : float, optional
+        Gradient norms at or below ``eps`` count as zero. Defaults to 0.0.
+    method : {"auto", "ghost", "materialize"}, optional
+        Norm computation for sequence inputs (see `gradtail_ops.linear_sq_norms`).
+        Defaults to "auto".
+    sync_distributed : bool, optional
+        When ``torch.distributed`` is initialised, average the batch reference over ranks
+        before the EMA update so every rank holds the same state. Defaults to True.
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> gt = GradTail(model[-1], decay=0.9)
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> loss = F.cross_entropy(model(x), y, reduction="none")
+    >>> w = gt.weights(loss)             # (16,) detached; ones on the first step
+    >>> (w * loss).mean().backward()
+    >>> gt.remove()
+    """
+
+    def __init__(
+        self,
+        modules: nn.Module | Iterable[nn.Module],
+        *,
+        decay: float = DEFAULT_DECAY,
+        reference: Literal["mean", "direction"] = DEFAULT_REFERENCE,
+        warmup_steps: int = DEFAULT_WARMUP_STEPS,
+        kind: Curve = DEFAULT_CURVE.kind,
+        max_weight: float = DEFAULT_CURVE.max_weight,
+        threshold: float = DEFAULT_CURVE.threshold,
+        temperature: float = DEFAULT_CURVE.temperature,
+        quantile: float = DEFAULT_CURVE.quantile,
+        floor: float = DEFAULT_CURVE.floor,
+        normalize: bool = DEFAULT_CURVE.normalize,
+        eps: float = 0.0,
+        method: Literal["auto", "ghost", "materialize"] = "auto",
+        sync_distributed: bool = True,
+    ) -> None:
+        if not 0.0 <= float(decay) <= 1.0:
+            raise ValueError(f"`decay` must lie in [0, 1]; Received: decay={decay}.")
+        if reference not in REFERENCES:
+            raise ValueError(f"`reference` must be one of {REFERENCES}; Received: reference={reference!r}.")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be a non-negative int; Received: warmup_steps={warmup_steps!r}.")
+        self.layers, self._root = _collect_linears(modules)
+        self.decay = float(decay)
+        self.reference = reference
+        self.warmup_steps = warmup_steps
+        self.curve = replace(
+            DEFAULT_CURVE,
+            kind=kind,
+            max_weight=max_weight,
+            threshold=threshold,
+            temperature=temperature,
+            quantile=quantile,
+            floor=floor,
+            normalize=normalize,
+        )
+        self.curve(torch.zeros(1))  # validates the curve options now, not at the first step
+        self.eps = eps
+        self.method = method
+        self.sync_distributed = sync_distributed
+        self.state: EMAState = ema_init([self._template(m) for m in self.layers])
+        self.last_alignment: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self._records = [_Record() for _ in self.layers]
+        self._handles = [m.register_forward_hook(self._hook(r)) for m, r in zip(self.layers, self._records)]
+        # Under torch.compile the tracked layers must run eagerly: inside a compiled region their
+        # outputs are not nodes of the autograd graph, so their output gradients cannot be taken.
+        # Excluding them from compilation costs a graph break per tracked layer, nothing else.
+        self._eager = _EagerLayers(self.layers)
+        self._batchnorm_checked = False
+        self.last_backward: Literal["book-keeping", "weighted backward"] | None = None
+
+    # ----------------------------------------------------------------------------- hooks
+    @staticmethod
+    def _template(layer: nn.Linear) -> tuple[torch.Tensor, ...]:
+        weight = layer.weight.detach()
+        return (weight,) if layer.bias is None else (weight, layer.bias.detach())
+
+    def _hook(self, record: _Record) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            # Nothing is kept for evaluation forwards: no graph, or the module in eval mode.
+            if not (module.training and torch.is_grad_enabled() and output.requires_grad):
+                return
+            record.calls += 1
+            record.inputs = args[0].detach()
+            record.output = output
+
+        return hook
+
+    def discard(self) -> None:
+        """Forget what the hooks kept since the last step (e.g. after an extra forward)."""
+        for record in self._records:
+            record.calls, record.inputs, record.output = 0, None, None
+
+    def remove(self) -> None:
+        """Remove every hook and drop what they kept. The state stays readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._eager.restore()
+        self.discard()
+
+    def __enter__(self) -> GradTail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------------------ step
+    def _check_loss(self, per_example_loss: Any) -> None:
+        if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.ndim != 1:
+            shape = tuple(per_example_loss.shape) if hasattr(per_example_loss, "shape") else type(per_example_loss)
+            raise ValueError(
+                "`per_example_loss` must be a tensor of shape (B,), one loss per example "
+                f"(use reduction='none'); Received: {shape}."
+            )
+        if not per_example_loss.requires_grad:
+            raise ValueError(
+                "`per_example_loss` does not require grad: compute it from a forward in train mode "
+                "with gradients enabled."
+            )
+        missing = [k for k, r in enumerate(self._records) if r.output is None]
+        if len(missing) == len(self._records):
+            raise RuntimeError(
+                "GradTail.weights() was called without a forward of the tracked layers since the last "
+                "call (or after a forward under torch.no_grad() / model.eval()): it needs exactly one "
+                "training forward per call."
+            )
+        repeated = [k for k, r in enumerate(self._records) if r.calls > 1]
+        if repeated:
+            raise RuntimeError(
+                f"Tracked layers {repeated} ran {[self._records[k].calls for k in repeated]} times since the "
+                "last GradTail step; it needs exactly one forward per weights()/backward() call. "
+                "Call gt.discard() after a forward you do not want scored."
+            )
+        batch = per_example_loss.shape[0]
+        for k, r in enumerate(self._records):
+            if r.inputs is not None and r.inputs.shape[0] != batch:
+                raise ValueError(
+                    f"`per_example_loss` has {batch} entries but tracked layer {k} saw inputs of shape "
+                    f"{tuple(r.inputs.shape)}; Received: loss shape {tuple(per_example_loss.shape)}."
+                )
+
+    def _output_grads(self, per_example_loss: torch.Tensor, *, retain_graph: bool) -> list[torch.Tensor]:
+        outputs = [r.output for r in self._records]
+        present = [o for o in outputs if o is not None]
+        # One backward from the summed loss: exact per example, since each loss depends only
+        # on its own outputs (unless something mixes examples: see the batch-norm check).
+        grads = torch.autograd.grad(per_example_loss.sum(), present, retain_graph=retain_graph, allow_unused=True)
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                "The loss does not depend, through autograd, on any tracked layer's output. Either the "
+                "loss does not come from this forward, or the tracked layers ran inside a compiled region "
+                "(torch.compile applied after GradTail was created, or to a function wrapping the model): "
+                "create GradTail first (it keeps the tracked layers eager), or compile only the layers "
+                "before the tracked ones."
+            )
+        it = iter(grads)
+        result = []
+        for out in outputs:
+            if out is None:
+                raise RuntimeError("A tracked layer did not run in this forward; all must.")
+            g = next(it)
+            result.append(torch.zeros_like(out) if g is None else g)
+        return result
+
+    def _check_mixing(self, per_example_loss: torch.Tensor) -> None:
+        tracked = {r.output.grad_fn for r in self._records if r.output is not None}
+        if inspect_graph(per_example_loss, tracked).mixing_batchnorm:
+            warnings.warn(
+                "A train-mode BatchNorm lies between the loss and a tracked nn.Linear: its output "
+                "gradients mix examples, so GradTail's per-example alignments are approximate. "
+                "Track only layers after the last BatchNorm, or use LayerNorm/GroupNorm.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _step(self, per_example_loss: torch.Tensor, *, retain_graph: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._check_loss(per_example_loss)
+        if not self._batchnorm_checked:
+            self._check_mixing(per_example_loss)
+            self._batchnorm_checked = True
+        output_grads = self._output_grads(per_example_loss, retain_graph=retain_graph)
+        inputs = [r.inputs for r in self._records]
+        self.discard()
+        reduce = distributed_mean if self.sync_distributed and _distributed_active() else None
+        with torch.no_grad():
+            out = linear_score_and_update(
+                self.state,
+                list(zip(inputs, output_grads)),
+                decay=self.decay,
+                reference=self.reference,
+                curve=self.curve,
+                warmup_steps=self.warmup_steps,
+                eps=self.eps,
+                reduce_mean=reduce,
+                method=self.method,
+            )
+        self.state = out.state
+        self.last_alignment = out.alignment.detach()
+        self.last_weights = out.weights.detach()
+        layers = list(zip(inputs, output_grads))
+        return out.weights.to(per_example_loss.dtype), layers  # type: ignore[return-value]
+
+    def weights(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+        """Score this batch, update the reference, and return the loss weights.
+
+        Parameters
+        ----------
+        per_example_loss : Tensor, shape (B,)
+            One loss per example (``reduction="none"``), from a training forward through the
+            tracked layers since the last call.
+
+        Returns
+        -------
+        Tensor, shape (B,)
+            Detached weights, in the loss's dtype, on its device; ones on the first step
+            and during warm-up. Use ``(w * per_example_loss).mean().backward()``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> head = torch.nn.Linear(3, 2)
+        >>> gt = GradTail(head)
+        >>> loss = head(torch.randn(5, 3)).pow(2).sum(1)
+        >>> gt.weights(loss).shape
+        torch.Size([5])
+        """
+        return self._step(per_example_loss, retain_graph=True)[0]
+
+    def backward(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+        """Do the whole step: weights, then the weighted backward, in one go.
+
+        When every tensor the loss needs a gradient for lives in the tracked layers, the
+        gradient of ``mean_i(w_i L_i)`` is assembled from the stored inputs and output
+        gradients (``sum_i w_i d_i a_i^T / B``, the book-keeping trick of Bu et al., 2022),
+        so the network is differentiated once. Otherwise it runs one weighted backward.
+        Either way ``.grad`` is accumulated exactly as ``(w * loss).mean().backward()``.
+
+        Parameters
+        ----------
+        per_example_loss : Tensor, shape (B,)
+
+        Returns
+        -------
+        Tensor, shape (B,)
+            The detached weights.
+
+        Examples
+        --------
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> gt = GradTail(model)
+        >>> w = gt.backward(model(torch.randn(5, 3)).pow(2).sum(1))
+        >>> model[0].weight.grad.shape
+        torch.Size([4, 3])
+        """
+        self._check_loss(per_example_loss)
+        tracked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
+        tracked = {r.output.grad_fn for r in self._records if r.output is not None}
+        facts = inspect_graph(per_example_loss, tracked)
+        book_keeping = facts.leaves <= tracked_params and not (
+            self.sync_distributed and _distributed_active()
+        )  # under DDP the weighted backward lets DDP's reducer average the gradients
+        weights, layers = self._step(per_example_loss, retain_graph=not book_keeping)
+        self.last_backward = "book-keeping" if book_keeping else "weighted backward"
+        if not book_keeping:
+            (weights.detach() * per_example_loss).mean().backward()
+            return weights
+        with torch.no_grad():
+            coef = weights.detach()
+            for layer, (inputs, grads) in zip(self.layers, layers):
+                needs_bias = layer.bias is not None and layer.bias.requires_grad
+                gw, gb = linear_mean_grad(inputs, grads, bias=needs_bias, example_weights=coef)
+                _accumulate(layer.weight, gw)
+                if needs_bias:
+                    _accumulate(layer.bias, gb)
+        return weights
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The reference state and the options that shape it, as tensors and numbers.
+
+        Examples
+        --------
+        >>> import torch
+        >>> sorted(GradTail(torch.nn.Linear(3, 2)).state_dict())
+        ['count', 'decay', 'mean', 'reference', 'total']
+        """
+        return {
+            "mean": [[t.clone() for t in layer] for layer in self.state.mean],
+            "total": self.state.total.clone(),
+            "count": self.state.count.clone(),
+            "decay": self.decay,
+            "reference": self.reference,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by `state_dict`, on the tracked layers' devices.
+
+        Examples
+        --------
+        >>> import torch
+        >>> gt = GradTail(torch.nn.Linear(3, 2))
+        >>> gt.load_state_dict(gt.state_dict())
+        """
+        mean = state_dict["mean"]
+        current = self.state.mean
+        shapes = [[tuple(t.shape) for t in layer] for layer in current]
+        received = [[tuple(t.shape) for t in layer] for layer in mean]
+        if shapes != received:
+            raise ValueError(f"State shapes do not match the tracked layers: expected {shapes}; Received: {received}.")
+        if state_dict.get("reference", self.reference) != self.reference:
+            raise ValueError(
+                f"The state was built with reference={state_dict['reference']!r} but this GradTail uses "
+                f"reference={self.reference!r}."
+            )
+        self.state = EMAState(
+            mean=[
+                tuple(t.to(device=c.device, dtype=c.dtype) for t, c in zip(layer, cur))
+                for layer, cur in zip(mean, current)
+            ],
+            total=state_dict["total"].to(device=self.state.total.device, dtype=self.state.total.dtype),
+            count=state_dict["count"].to(device=self.state.count.device, dtype=self.state.count.dtype),
+        )
+        self.decay = float(state_dict.get("decay", self.decay))
+
+
+class _EagerLayers:
+    """Keeps modules out of torch.compile (a graph break around each), reversibly."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        self._saved = []
+        for layer in layers:
+            self._saved.append((layer, layer.__dict__.get("forward")))
+            layer.forward = torch.compiler.disable(layer.forward)  # type: ignore[method-assign]
+
+    def restore(self) -> None:
+        for layer, original in self._saved:
+            if original is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = original  # type: ignore[method-assign]
+        self._saved = []
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+def _distributed_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1

@@ -1,0 +1,756 @@
+"""Core-op benchmarks for gradtail_ops: factored vs. materialised, per backend, in one run.
+
+Three cases, each run on every requested backend (NumPy, PyTorch CPU, JAX under ``jax.jit``):
+
+* ``head_2d``: ``linear_alignment(A, D, GW, Gb)`` vs. building the per-example gradients
+  ``(D[:, :, None] * A[:, None, :], D)`` and calling ``alignment``. Targets: factored at least
+  5x faster and at least 50x less peak memory.
+* ``sequence``: ``linear_alignment`` on (B, T, d) inputs with ``method="ghost"``,
+  ``"materialize"`` and ``"auto"``. Target: auto at most 1.2x the better of the other two.
+* ``dense``: ``alignment(X, v)`` for X of shape (B, N) vs. the memory-bound floor, one
+  ``X @ v`` plus the backend's own row norms. Target: at most 1.5x the floor.
+
+Timings are medians over repeats in which the compared variants run interleaved (round
+robin), so a change in machine load hits all of them alike. Results go to a JSON file that
+``benchmarks/render_tables.py`` turns into ``docs/benchmarks.md``.
+
+Usage::
+
+    .venv/bin/python benchmarks/core_ops.py                 # full run, ~3-6 min on 2 cores
+    .venv/bin/python benchmarks/core_ops.py --quick         # smoke run, < 1 min
+    .venv/bin/python benchmarks/core_ops.py --backends numpy,jax --cases dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+import gradtail_ops  # noqa: E402
+from gradtail_ops import alignment, linear_alignment  # noqa: E402
+
+BENCHMARK = "core_ops"
+SCHEMA_VERSION = 1
+ALL_BACKENDS = ("numpy", "torch", "jax")
+ALL_CASES = ("head_2d", "sequence", "dense")
+DEFAULT_OUT = Path("benchmarks/results/core_ops.json")
+QUICK_OUT = Path("results/core_ops_quick.json")
+
+TARGETS = {
+    "head_2d.speedup": {"op": ">=", "value": 5.0, "text": "factored >= 5x faster than materialising"},
+    "head_2d.memory_ratio": {"op": ">=", "value": 50.0, "text": "factored >= 50x less peak memory"},
+    "sequence.auto_vs_best": {"op": "<=", "value": 1.2, "text": "auto <= 1.2x the better of ghost/materialize"},
+    "dense.vs_floor": {"op": "<=", "value": 1.5, "text": "alignment <= 1.5x (X @ v + row norms)"},
+}
+
+SHAPES_FULL = {
+    "head_2d": [(256, 2048, 1000), (64, 2048, 1000)],
+    # T=16 with d 1024->1000 is the one shape here where "auto" picks ghost.
+    "sequence": [(32, 128, 64, 64), (32, 128, 256, 256), (32, 128, 1024, 1000), (32, 16, 1024, 1000)],
+    "dense": [(256, 2**16), (256, 2**18)],
+}
+SHAPES_QUICK = {
+    "head_2d": [(16, 256, 100)],
+    "sequence": [(4, 16, 32, 32), (4, 16, 128, 128)],
+    "dense": [(32, 2**12)],
+}
+
+MEMORY_METHODS = {
+    "numpy": (
+        "tracemalloc peak of the call (NumPy reports every array buffer to tracemalloc; "
+        "tracing starts just before the call, so inputs are excluded and the output included)"
+    ),
+    "torch": (
+        "torch.profiler(profile_memory=True): peak of the running sum of the CPU allocator's "
+        "[memory] events (alloc +bytes, free -bytes) recorded during the call; inputs excluded, "
+        "output included"
+    ),
+    "jax": (
+        "compiled.memory_analysis() of the jitted function: temp_size_in_bytes + "
+        "output_size_in_bytes (XLA's static buffer assignment; arguments excluded)"
+    ),
+    "rss_crosscheck": (
+        "rss_peak_delta_bytes: VmHWM - VmRSS around one call after resetting VmHWM via "
+        "/proc/self/clear_refs; a lower bound for small temporaries (the C allocator reuses "
+        "freed heap pages), honest for large ones (mmap'd, paged in on first touch)"
+    ),
+}
+TIMING_METHOD = (
+    "time.perf_counter around one call; NumPy and torch CPU are synchronous, JAX calls the "
+    "AOT-compiled jax.jit(fn).lower(*args).compile() executable and block_until_ready on its "
+    "output (compile time reported separately). Each variant runs once to warm up, then the "
+    "compared variants of one case run interleaved `repeats` times; seconds = median."
+)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass
+class Prepared:
+    """A ready-to-time call of one function on one backend."""
+
+    call: Callable[[], Any]
+    static_bytes: int | None = None
+    compile_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    name = ""
+
+    def asarray(self, x: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def prepare(self, fn: Callable[..., Any], args: Sequence[Any]) -> Prepared:
+        return Prepared(call=lambda: fn(*args))
+
+    def peak_bytes(self, prepared: Prepared) -> int:
+        raise NotImplementedError
+
+    def to_numpy(self, out: Any) -> np.ndarray:
+        return np.asarray(out)
+
+    def versions(self) -> dict[str, str]:
+        return {}
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def asarray(self, x: np.ndarray) -> Any:
+        return x
+
+    def peak_bytes(self, prepared: Prepared) -> int:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            out = prepared.call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        del out
+        return int(peak)
+
+    def versions(self) -> dict[str, str]:
+        blas = "?"
+        with contextlib.suppress(Exception):
+            blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+        return {"numpy": np.__version__, "numpy_blas": blas}
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def asarray(self, x: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(x))
+
+    def prepare(self, fn: Callable[..., Any], args: Sequence[Any]) -> Prepared:
+        torch = self.torch
+
+        def call() -> Any:
+            with torch.inference_mode():
+                return fn(*args)
+
+        return Prepared(call=call)
+
+    def peak_bytes(self, prepared: Prepared) -> int:
+        from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = prepared.call()
+        del out
+        fd, path = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        try:
+            prof.export_chrome_trace(path)
+            with open(path) as fh:
+                trace = json.load(fh)
+        finally:
+            os.unlink(path)
+        events = [e for e in trace.get("traceEvents", []) if e.get("name") == "[memory]"]
+        events.sort(key=lambda e: (e.get("ts", 0), e.get("args", {}).get("Ev Idx", 0)))
+        live = peak = 0
+        for e in events:
+            args = e.get("args", {})
+            if args.get("Device Type", 0) != 0:  # CPU only
+                continue
+            live += int(args.get("Bytes", 0))
+            peak = max(peak, live)
+        return peak
+
+    def to_numpy(self, out: Any) -> np.ndarray:
+        return out.detach().cpu().numpy()
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": self.torch.__version__, "torch_num_threads": str(self.torch.get_num_threads())}
+
+
+class JaxBackend(Backend):
+    name = "jax"
+
+    def __init__(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp = jax, jnp
+
+    def asarray(self, x: np.ndarray) -> Any:
+        return self.jax.block_until_ready(self.jnp.asarray(x))
+
+    def prepare(self, fn: Callable[..., Any], args: Sequence[Any]) -> Prepared:
+        jax = self.jax
+        start = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        static, extra = None, {}
+        with contextlib.suppress(Exception):
+            mem = compiled.memory_analysis()
+            static = int(mem.temp_size_in_bytes) + int(mem.output_size_in_bytes)
+            extra = {
+                "xla_temp_bytes": int(mem.temp_size_in_bytes),
+                "xla_output_bytes": int(mem.output_size_in_bytes),
+                "xla_argument_bytes": int(mem.argument_size_in_bytes),
+            }
+        return Prepared(
+            call=lambda: jax.block_until_ready(compiled(*args)),
+            static_bytes=static,
+            compile_seconds=compile_s,
+            extra=extra,
+        )
+
+    def peak_bytes(self, prepared: Prepared) -> int:
+        if prepared.static_bytes is None:
+            raise RuntimeError("compiled.memory_analysis() is not available")
+        return prepared.static_bytes
+
+    def versions(self) -> dict[str, str]:
+        import jaxlib
+
+        return {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__}
+
+
+def make_backend(name: str) -> Backend:
+    return {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[name]()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _read_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_peak_delta(prepared: Prepared) -> int | None:
+    """Peak RSS growth during one call (Linux only; None where VmHWM cannot be reset)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    before = _read_status_kib("VmRSS")
+    out = prepared.call()
+    peak = _read_status_kib("VmHWM")
+    del out
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]], repeats: int, budget_s: float
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Warm each call once, then run them round robin; returns per-call times and outputs."""
+    outputs, warm = {}, {}
+    for name, call in calls.items():
+        gc.collect()
+        start = time.perf_counter()
+        outputs[name] = call()
+        warm[name] = time.perf_counter() - start
+    per_round = sum(warm.values())
+    n = max(3, min(repeats, int(budget_s / per_round) if per_round > 0 else repeats))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(n):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            out = call()
+            times[name].append(time.perf_counter() - start)
+            del out
+    return times, outputs
+
+
+def check(key: str, value: float | None) -> dict[str, Any]:
+    target = TARGETS[key]
+    if value is None or not math.isfinite(value):
+        passed = None
+    elif target["op"] == ">=":
+        passed = bool(value >= target["value"])
+    else:
+        passed = bool(value <= target["value"])
+    return {"name": key.split(".", 1)[1], "value": value, "target": dict(target), "passed": passed}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return float(num) / float(den)
+
+
+def _max_abs_diff(backend: Backend, a: Any, b: Any) -> float:
+    x, y = backend.to_numpy(a).astype(np.float64), backend.to_numpy(b).astype(np.float64)
+    return float(np.max(np.abs(x - y))) if x.size else 0.0
+
+
+def run_variants(
+    backend: Backend,
+    fns: dict[str, Callable[..., Any]],
+    args_np: Sequence[np.ndarray],
+    repeats: int,
+    budget_s: float,
+    memory: bool = True,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Time (and measure memory of) several functions of the same arguments on one backend."""
+    args = [backend.asarray(a) for a in args_np]
+    prepared = {name: backend.prepare(fn, args) for name, fn in fns.items()}
+    times, outputs = time_interleaved({k: p.call for k, p in prepared.items()}, repeats, budget_s)
+    variants: dict[str, dict[str, Any]] = {}
+    for name, p in prepared.items():
+        entry: dict[str, Any] = {
+            "seconds": float(np.median(times[name])),
+            "seconds_min": float(np.min(times[name])),
+            "seconds_all": [float(t) for t in times[name]],
+            "repeats": len(times[name]),
+        }
+        if p.compile_seconds is not None:
+            entry["compile_seconds"] = p.compile_seconds
+        if memory:
+            try:
+                entry["peak_bytes"] = backend.peak_bytes(p)
+            except Exception as exc:  # report, never hide
+                entry["peak_bytes"] = None
+                entry["peak_bytes_error"] = f"{type(exc).__name__}: {exc}"
+            entry["rss_peak_delta_bytes"] = rss_peak_delta(p)
+        entry.update(p.extra)
+        variants[name] = entry
+    del prepared, args
+    return variants, outputs
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _rng(seed: int, *shape_key: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *shape_key])
+
+
+def head_inputs(seed: int, b: int, d_in: int, d_out: int) -> list[np.ndarray]:
+    rng = _rng(seed, b, d_in, d_out)
+    a = rng.standard_normal((b, d_in), dtype=np.float32)
+    d = rng.standard_normal((b, d_out), dtype=np.float32) / np.float32(b)
+    gw = (d.T @ a) / np.float32(b) + np.float32(0.01) * rng.standard_normal((d_out, d_in), dtype=np.float32)
+    gb = d.mean(axis=0) + np.float32(0.01) * rng.standard_normal(d_out, dtype=np.float32)
+    return [a, d, gw.astype(np.float32), gb.astype(np.float32)]
+
+
+def head_factored(a: Any, d: Any, gw: Any, gb: Any) -> Any:
+    return linear_alignment(a, d, gw, gb)
+
+
+def head_materialize(a: Any, d: Any, gw: Any, gb: Any) -> Any:
+    return alignment([d[:, :, None] * a[:, None, :], d], [gw, gb])
+
+
+def case_head_2d(backend: Backend, shape: tuple[int, ...], opts: argparse.Namespace) -> dict[str, Any]:
+    b, d_in, d_out = shape
+    variants, outs = run_variants(
+        backend,
+        {"factored": head_factored, "materialize": head_materialize},
+        head_inputs(opts.seed, b, d_in, d_out),
+        opts.repeats,
+        opts.budget,
+    )
+    fac, mat = variants["factored"], variants["materialize"]
+    return {
+        "case": "head_2d",
+        "backend": backend.name,
+        "shapes": {"B": b, "d_in": d_in, "d_out": d_out},
+        "variants": variants,
+        "checks": [
+            check("head_2d.speedup", _ratio(mat["seconds"], fac["seconds"])),
+            check("head_2d.memory_ratio", _ratio(mat.get("peak_bytes"), fac.get("peak_bytes"))),
+        ],
+        "max_abs_diff": _max_abs_diff(backend, outs["factored"], outs["materialize"]),
+    }
+
+
+def seq_inputs(seed: int, b: int, t: int, d_in: int, d_out: int) -> list[np.ndarray]:
+    rng = _rng(seed, b, t, d_in, d_out)
+    a = rng.standard_normal((b, t, d_in), dtype=np.float32)
+    d = rng.standard_normal((b, t, d_out), dtype=np.float32) / np.float32(b * t)
+    gw = np.einsum("bto,bti->oi", d, a) / np.float32(b)
+    gw = gw + np.float32(0.01) * rng.standard_normal((d_out, d_in), dtype=np.float32) / np.float32(b * t)
+    gb = d.sum(axis=1).mean(axis=0)
+    return [a, d, gw.astype(np.float32), gb.astype(np.float32)]
+
+
+def _seq_fn(method: str) -> Callable[..., Any]:
+    def fn(a: Any, d: Any, gw: Any, gb: Any) -> Any:
+        return linear_alignment(a, d, gw, gb, method=method)
+
+    fn.__name__ = f"linear_alignment_{method}"
+    return fn
+
+
+def auto_choice(t: int, d_in: int, d_out: int) -> str | None:
+    """Which method "auto" takes (from the package's private rule; None if it moved)."""
+    try:
+        from gradtail_ops.linear import _use_ghost
+
+        return "ghost" if _use_ghost("auto", t, d_in, d_out) else "materialize"
+    except Exception:
+        return None
+
+
+def case_sequence(backend: Backend, shape: tuple[int, ...], opts: argparse.Namespace) -> dict[str, Any]:
+    b, t, d_in, d_out = shape
+    methods = ("ghost", "materialize", "auto")
+    variants, outs = run_variants(
+        backend,
+        {m: _seq_fn(m) for m in methods},
+        seq_inputs(opts.seed, b, t, d_in, d_out),
+        opts.repeats,
+        opts.budget,
+    )
+    best_name = min(("ghost", "materialize"), key=lambda m: variants[m]["seconds"])
+    return {
+        "case": "sequence",
+        "backend": backend.name,
+        "shapes": {"B": b, "T": t, "d_in": d_in, "d_out": d_out},
+        "variants": variants,
+        "auto_choice": auto_choice(t, d_in, d_out),
+        "best": best_name,
+        "checks": [
+            check("sequence.auto_vs_best", _ratio(variants["auto"]["seconds"], variants[best_name]["seconds"]))
+        ],
+        "ghost_vs_materialize": _ratio(variants["ghost"]["seconds"], variants["materialize"]["seconds"]),
+        "max_abs_diff": max(
+            _max_abs_diff(backend, outs["ghost"], outs["materialize"]),
+            _max_abs_diff(backend, outs["auto"], outs["materialize"]),
+        ),
+    }
+
+
+def dense_floor(backend_name: str) -> Callable[..., Any]:
+    """One plain pass: ``X @ v`` plus the backend's own row norms."""
+
+    def floor(x: Any, v: Any) -> Any:
+        return x @ v, _native_row_norms(backend_name, x)
+
+    return floor
+
+
+def dense_components(backend_name: str) -> dict[str, Callable[..., Any]]:
+    """Pieces of alignment() and of the floor, timed alone to see where the time goes."""
+    from gradtail_ops._checks import namespace
+
+    def xp_vecdot_rows(x: Any, v: Any) -> Any:
+        return namespace(x).vecdot(x, x)
+
+    def matvec(x: Any, v: Any) -> Any:
+        return x @ v
+
+    def native_rows(x: Any, v: Any) -> Any:
+        return _native_row_norms(backend_name, x)
+
+    return {"matvec": matvec, "xp_vecdot_rows": xp_vecdot_rows, "native_row_norms": native_rows}
+
+
+def _native_row_norms(backend_name: str, x: Any) -> Any:
+    if backend_name == "numpy":
+        return np.einsum("ij,ij->i", x, x)
+    if backend_name == "torch":
+        import torch
+
+        return torch.linalg.vector_norm(x, dim=1)
+    import jax.numpy as jnp
+
+    return jnp.sum(x * x, axis=1)
+
+
+def dense_alignment(x: Any, v: Any) -> Any:
+    return alignment(x, v)
+
+
+def case_dense(backend: Backend, shape: tuple[int, ...], opts: argparse.Namespace) -> dict[str, Any]:
+    b, n = shape
+    rng = _rng(opts.seed, b, n)
+    x = rng.standard_normal((b, n), dtype=np.float32)
+    v = x.mean(axis=0) + np.float32(0.1) * rng.standard_normal(n, dtype=np.float32)
+    variants, _ = run_variants(
+        backend,
+        {"alignment": dense_alignment, "floor": dense_floor(backend.name)},
+        [x, v],
+        opts.repeats,
+        opts.budget,
+    )
+    parts, _ = run_variants(backend, dense_components(backend.name), [x, v], opts.repeats, opts.budget, False)
+    return {
+        "case": "dense",
+        "backend": backend.name,
+        "shapes": {"B": b, "N": n},
+        "variants": variants,
+        "components": {k: {"seconds": p["seconds"], "repeats": p["repeats"]} for k, p in parts.items()},
+        "checks": [check("dense.vs_floor", _ratio(variants["alignment"]["seconds"], variants["floor"]["seconds"]))],
+    }
+
+
+CASES = {"head_2d": case_head_2d, "sequence": case_sequence, "dense": case_dense}
+
+
+# --------------------------------------------------------------------------- machine info
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def git_info() -> dict[str, Any]:
+    def git(*cmd: str) -> str | None:
+        try:
+            res = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--", "gradtail_ops")
+    return {"commit": git("rev-parse", "HEAD"), "gradtail_ops_dirty": None if dirty is None else bool(dirty)}
+
+
+def machine_info(backends: Sequence[Backend]) -> dict[str, Any]:
+    versions: dict[str, str] = {"python": platform.python_version(), "gradtail_ops": gradtail_ops.__version__}
+    with contextlib.suppress(Exception):
+        import array_api_compat
+
+        versions["array_api_compat"] = array_api_compat.__version__
+    for be in backends:
+        versions.update(be.versions())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    return {
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "mem_total_bytes": mem_total_bytes(),
+        "versions": versions,
+        "git": git_info(),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _fmt_entry(entry: dict[str, Any]) -> str:
+    shape = "x".join(f"{k}={v}" for k, v in entry["shapes"].items())
+    parts = [f"{k}={v['seconds'] * 1e3:.2f}ms" for k, v in entry["variants"].items()]
+    checks = [
+        f"{c['name']}={c['value']:.2f}({'PASS' if c['passed'] else 'FAIL'})"
+        for c in entry["checks"]
+        if c["value"] is not None
+    ]
+    return f"[{entry['backend']:5s}] {entry['case']:8s} {shape}: {' '.join(parts)} | {' '.join(checks)}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark gradtail_ops core ops (factored vs. materialised) on NumPy, torch and JAX.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats: a smoke run in < 60 s")
+    p.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of numpy,torch,jax")
+    p.add_argument("--cases", default=",".join(ALL_CASES), help="comma-separated subset of " + ",".join(ALL_CASES))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON output (default: {DEFAULT_OUT}; with --quick: {QUICK_OUT}, so a smoke run never "
+        "overwrites the committed full results)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 7; quick 3)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per case and backend for the timed rounds; repeats drop (never below 3) to fit "
+        "(default 8; quick 2)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads for every backend (torch.set_num_threads, threadpoolctl for NumPy's "
+        "BLAS, XLA_FLAGS for JAX); 0 keeps each library's default. On a shared machine 1 gives "
+        "stable numbers: with another process on a core, 2-thread torch ops can stall for ms",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed for the inputs")
+    args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for b in args.backends:
+        if b not in ALL_BACKENDS:
+            p.error(f"unknown backend {b!r}; choose from {ALL_BACKENDS}")
+    for c in args.cases:
+        if c not in ALL_CASES:
+            p.error(f"unknown case {c!r}; choose from {ALL_CASES}")
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    if args.budget is None:
+        args.budget = 2.0 if args.quick else 8.0
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    return args
+
+
+def limit_threads(n: int) -> dict[str, Any]:
+    """Cap intra-op threads of every backend at ``n`` (before torch/JAX are imported)."""
+    applied: dict[str, Any] = {"requested": n or "library default"}
+    if n <= 0:
+        return applied
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}".strip()
+    )
+    applied["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
+    try:
+        from threadpoolctl import threadpool_limits
+
+        applied["_threadpoolctl"] = threadpool_limits(limits=n)  # kept alive by the caller
+        applied["numpy_blas"] = f"threadpoolctl limit {n}"
+    except ImportError:
+        applied["numpy_blas"] = "threadpoolctl missing: library default"
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.set_num_threads(n)
+        applied["torch"] = f"set_num_threads({n})"
+    return applied
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    threads = limit_threads(opts.threads)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    backends, skipped = [], {}
+    for name in opts.backends:
+        try:
+            backends.append(make_backend(name))
+        except Exception as exc:
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+            print(f"skipping backend {name}: {skipped[name]}", file=sys.stderr)
+    shapes = SHAPES_QUICK if opts.quick else SHAPES_FULL
+    results = []
+    for case in opts.cases:
+        for shape in shapes[case]:
+            for be in backends:
+                entry = CASES[case](be, shape, opts)
+                results.append(entry)
+                print(_fmt_entry(entry), flush=True)
+                gc.collect()
+    load_after = os.getloadavg()[0]
+    machine = machine_info(backends)
+    machine["loadavg_1min_before"] = load_before
+    machine["loadavg_1min_after"] = load_after
+    machine["threads"] = {k: v for k, v in threads.items() if not k.startswith("_")}
+    checks = [c for r in results for c in r["checks"]]
+    doc = {
+        "benchmark": BENCHMARK,
+        "schema_version": SCHEMA_VERSION,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        "quick": opts.quick,
+        "repeats": opts.repeats,
+        "budget_seconds": opts.budget,
+        "seed": opts.seed,
+        "dtype": "float32",
+        "wall_seconds": time.perf_counter() - started,
+        "machine": machine,
+        "method": {"timing": TIMING_METHOD, "memory": MEMORY_METHODS},
+        "targets": TARGETS,
+        "skipped_backends": skipped,
+        "summary": {
+            "checks": len(checks),
+            "passed": sum(c["passed"] is True for c in checks),
+            "failed": sum(c["passed"] is False for c in checks),
+            "unknown": sum(c["passed"] is None for c in checks),
+        },
+        "results": results,
+    }
+    out = opts.out if opts.out.is_absolute() else Path.cwd() / opts.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    s = doc["summary"]
+    print(
+        f"{s['passed']}/{s['checks']} targets pass ({s['failed']} fail, {s['unknown']} unknown); "
+        f"load {load_before:.2f} -> {load_after:.2f}; {doc['wall_seconds']:.0f} s; wrote {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

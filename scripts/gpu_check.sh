@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU checks, as ONE script for a lent GPU machine (see DEVELOPERS.md): the test suite's
+# CuPy, torch-CUDA and JAX-GPU backends, then the core benchmark on the GPU. Target: < 8 min.
+#
+# The GPU image has torch, JAX, CuPy, pytest and hypothesis but nothing can be fetched there:
+# carry array-api-compat / array-api-strict as wheels in .whl/ (DEVELOPERS.md says how).
+# Results land in $OUT (or ./gpu_results when OUT is unset).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:$PWD/adapters:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY - <<'PY' | tee -a "$OUT/gpu.txt"
+import importlib
+for name in ("torch", "jax", "cupy", "array_api_compat", "array_api_strict"):
+    try:
+        mod = importlib.import_module(name)
+        print(name, getattr(mod, "__version__", "?"))
+    except Exception as exc:  # report, keep going
+        print(name, "MISSING", exc)
+import torch, jax
+print("torch.cuda", torch.cuda.is_available(), "jax devices", jax.devices())
+PY
+status=0
+# torch tensors are created on CUDA by the fixture; JAX places arrays on its default (GPU) device.
+GRADTAIL_TORCH_CUDA=1 timeout 300 $PY -m pytest tests -q -p no:cacheprovider -x \
+  -k "cupy or torch or jax" -m "not slow" 2>&1 | tee "$OUT/tests.txt" || status=1
+timeout 240 $PY benchmarks/core_ops.py --quick --backends torch,jax --device cuda \
+  --out "$OUT/core_ops_gpu.json" 2>&1 | tee "$OUT/bench.txt" || status=1
+exit $status
