@@ -7,6 +7,7 @@ from types import ModuleType
 from typing import Any
 
 from ._checks import check_batch, check_shape, compute_dtype, namespace
+from ._kernels import row_sq_norms
 from ._tree import is_sequence, structure_repr
 
 __all__ = ["alignment", "cosine_from_dots", "dense_dots_and_sq_norms"]
@@ -99,7 +100,7 @@ def dense_dots_and_sq_norms(per_sample_grads: Any, mean_grad: Any, /) -> tuple[A
         )
         flat = xp.reshape(xp.astype(g, dtype, copy=False), (batch, -1))
         vec = xp.reshape(xp.astype(m, dtype, copy=False), (-1,))
-        part_dots, part_sq, part_ref = flat @ vec, xp.vecdot(flat, flat), xp.vecdot(vec, vec)
+        part_dots, part_sq, part_ref = flat @ vec, row_sq_norms(xp, flat), row_sq_norms(xp, vec)
         dots = part_dots if dots is None else dots + part_dots
         sq = part_sq if sq is None else sq + part_sq
         ref = part_ref if ref is None else ref + part_ref
@@ -127,7 +128,8 @@ def alignment(per_sample_grads: Any, mean_grad: Any, /, *, eps: float = 0.0) -> 
     -------
     array, shape (B,)
         ``cos(g_i, G)`` in [-1, 1], in the inputs' dtype (at least float32), on their
-        device; 0 when either vector is zero; NaN for an example with a non-finite gradient.
+        device; 0 when either vector is zero; NaN for an example with a non-finite gradient
+        (or one so large that its squared norm overflows the dtype).
 
     Raises
     ------

@@ -109,7 +109,9 @@ def weight_curve(
     _check_number("quantile", quantile, 0.0, 1.0)
     a = xp.astype(alignment, dtype, copy=False)
     finite = xp.isfinite(a)
-    safe = _finite_or(xp, a, 0.0)
+    # Bounded so batch statistics of huge finite scores cannot overflow (cosines are in [-1, 1]).
+    bound = float(xp.finfo(dtype).max) ** 0.25
+    safe = xp.clip(_finite_or(xp, a, 0.0), -bound, bound)
     if kind == "sigmoid":
         bump = _sigmoid(xp, (threshold - safe) / temperature)
     elif kind == "spare_negative":

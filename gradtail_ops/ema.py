@@ -72,7 +72,7 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
     """Fold one batch's reference gradient into the moving average.
 
     ``total' = decay * total + (1 - decay)`` and
-    ``mean' = mean + ((1 - decay) / total') * (g - mean)``, which is the bias-corrected
+    ``mean' = (1 - r) * mean + r * g`` with ``r = (1 - decay) / total'``, which is the bias-corrected
     EMA ``sum_t w_t g_t / sum_t w_t`` for any sequence of decays. After the first update
     the mean equals ``g`` exactly; with ``decay = 0`` it equals the latest ``g``.
 
@@ -83,8 +83,8 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
     batch_mean_grad : array or nested list/tuple of arrays
         This batch's reference gradient, with the state's structure and shapes.
     decay : float or array of shape ()
-        In [0, 1]; may change from call to call. Array values are clipped to [0, 1] so a
-        jitted schedule cannot corrupt the state.
+        In [0, 1]; may change from call to call. Array values are clipped to [0, 1], and a
+        non-finite one skips the update, so a jitted schedule cannot corrupt the state.
 
     Returns
     -------
@@ -122,8 +122,13 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
             raise ValueError(f"`decay` must lie in [0, 1]; Received: decay={decay}.")
         d = xp.asarray(float(decay), dtype=dtype, device=array_device(state.total))
     else:
-        d = xp.clip(xp.astype(decay, dtype), 0.0, 1.0)
+        d = xp.astype(decay, dtype)
+        ok = xp.isfinite(d)
+        d = xp.clip(xp.where(ok, d, xp.ones_like(d)), 0.0, 1.0)
+    # A non-finite batch (or traced decay) skips the update: the state can never turn non-finite.
     finite = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in new]))
+    if not isinstance(decay, (int, float)):
+        finite = finite & ok
     total = d * state.total + (1.0 - d)
     rate = xp.where(
         total > 0, (1.0 - d) / xp.where(total > 0, total, xp.ones_like(total)), xp.zeros_like(total)
@@ -131,8 +136,9 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
 
     def step(m: Array, g: Array) -> Array:
         g = xp.astype(g, dtype, copy=False)
-        # rate == 1 (first update, decay 0) takes g itself: m + (g - m) can round.
-        moved = xp.where(rate == 1.0, g, m + rate * (g - m))
+        # A convex combination cannot overflow (g - m can). rate == 1 (first update, decay 0)
+        # takes g itself and g == m keeps m, both exactly, where rounding could move them.
+        moved = xp.where(rate == 1.0, g, xp.where(g == m, m, (1.0 - rate) * m + rate * g))
         return xp.where(finite, moved, m)
 
     return EMAState(

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from ._checks import check_shape, compute_dtype, namespace
+from ._kernels import row_sq_norms
 from .alignment import cosine_from_dots
 
 __all__ = [
@@ -55,16 +56,20 @@ def _check_method(method: str) -> None:
         raise ValueError(f"`method` must be one of {_METHODS}; Received: {method!r}.")
 
 
-def _use_ghost(method: str, steps: int, d_in: int, d_out: int) -> bool:
-    """Choose the cheaper way to get sequence norms, counting multiply-adds per example.
+def _use_ghost(method: str, steps: int, d_in: int, d_out: int, *, with_dots: bool) -> bool:
+    """Choose between the Gram ("ghost") and the materialised sequence formulas.
 
-    Ghost: two (T, T) Grams, ``T^2 (d_in + d_out)``. Materialised: build ``g_i`` (the
-    ``T d_in d_out`` of that is shared with the inner product, which needs ``A G_W^T``
-    otherwise) and reduce it, ``2 d_in d_out``.
+    Ghost costs two (T, T) Grams, ``T^2 (d_in + d_out)`` multiply-adds per example;
+    materialising costs ``T d_in d_out`` to build ``g_i`` plus memory traffic over it. With an
+    inner product to take as well, ghost also pays ``T d_in d_out`` for ``A G_W^T`` while the
+    materialised ``g_i`` gives it almost free. The constants are measured on CPU
+    (benchmarks/core_ops.py): ghost wins when ``2 T (d_in + d_out) < d_in d_out`` with the
+    inner product and when ``T (d_in + d_out) < d_in d_out`` for norms alone.
     """
     if method != "auto":
         return method == "ghost"
-    return steps * steps * (d_in + d_out) < 2 * d_in * d_out
+    factor = 2 if with_dots else 1
+    return factor * steps * (d_in + d_out) < d_in * d_out
 
 
 def _materialized_parts(
@@ -80,7 +85,7 @@ def _materialized_parts(
         stop = min(batch, start + chunk)
         g = xp.matrix_transpose(d[start:stop, ...]) @ a[start:stop, ...]  # (c, d_out, d_in)
         g = xp.reshape(g, (stop - start, -1))
-        sqs.append(xp.vecdot(g, g))
+        sqs.append(row_sq_norms(xp, g))
         if ref_flat is not None:
             dots.append(g @ ref_flat)
     sq = sqs[0] if len(sqs) == 1 else xp.concat(sqs)
@@ -89,11 +94,11 @@ def _materialized_parts(
     return (dots[0] if len(dots) == 1 else xp.concat(dots)), sq
 
 
-def _weight_sq_norms(xp: ModuleType, a: Array, d: Array, method: str) -> Array:
+def _weight_sq_norms(xp: ModuleType, a: Array, d: Array, method: str, *, with_dots: bool) -> Array:
     if a.ndim == 2:
-        return xp.vecdot(d, d) * xp.vecdot(a, a)
+        return row_sq_norms(xp, d) * row_sq_norms(xp, a)
     steps, d_in, d_out = a.shape[1], a.shape[2], d.shape[2]
-    if _use_ghost(method, steps, d_in, d_out):
+    if _use_ghost(method, steps, d_in, d_out, with_dots=with_dots):
         gram_a = a @ xp.matrix_transpose(a)
         gram_d = d @ xp.matrix_transpose(d)
         return xp.sum(xp.reshape(gram_a * gram_d, (a.shape[0], -1)), axis=1)
@@ -136,10 +141,10 @@ def linear_sq_norms(
     """
     _check_method(method)
     xp, a, d = _factors(inputs, output_grads, {})
-    sq = _weight_sq_norms(xp, a, d, method)
+    sq = _weight_sq_norms(xp, a, d, method, with_dots=False)
     if bias:
         sums = _bias_sums(xp, d)
-        sq = sq + xp.vecdot(sums, sums)
+        sq = sq + row_sq_norms(xp, sums)
     return sq
 
 
@@ -195,22 +200,22 @@ def linear_dots_and_sq_norms(
     d_in, d_out = a.shape[-1], d.shape[-1]
     check_shape("mean_weight_grad", mean_weight_grad, (d_out, d_in), "(d_out, d_in) of the layer")
     gw = xp.astype(mean_weight_grad, dtype, copy=False)
-    ref_sq = xp.vecdot(xp.reshape(gw, (-1,)), xp.reshape(gw, (-1,)))
-    if a.ndim == 3 and not _use_ghost(method, a.shape[1], d_in, d_out):
+    ref_sq = row_sq_norms(xp, xp.reshape(gw, (-1,)))
+    if a.ndim == 3 and not _use_ghost(method, a.shape[1], d_in, d_out, with_dots=True):
         dots, sq = _materialized_parts(xp, a, d, gw)
     else:
         projected = a @ xp.matrix_transpose(gw)  # (B, [T,] d_out): the flop floor
         dots = xp.vecdot(d, projected)
         if a.ndim == 3:
             dots = xp.sum(dots, axis=1)
-        sq = _weight_sq_norms(xp, a, d, method)
+        sq = _weight_sq_norms(xp, a, d, method, with_dots=True)
     if mean_bias_grad is not None:
         check_shape("mean_bias_grad", mean_bias_grad, (d_out,), "(d_out,) of the layer")
         gb = xp.astype(mean_bias_grad, dtype, copy=False)
         sums = _bias_sums(xp, d)
         dots = dots + sums @ gb
-        sq = sq + xp.vecdot(sums, sums)
-        ref_sq = ref_sq + xp.vecdot(gb, gb)
+        sq = sq + row_sq_norms(xp, sums)
+        ref_sq = ref_sq + row_sq_norms(xp, gb)
     return dots, sq, ref_sq
 
 

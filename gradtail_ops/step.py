@@ -282,6 +282,7 @@ def weighted_batch_mean(per_sample_grads: Any, example_weights: Array | None = N
     >>> weighted_batch_mean(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([1.0, 0.0]))
     array([0.5, 1. ])
     """
+
     def one(g: Array) -> Array:
         xp = namespace(g) if example_weights is None else namespace(g, example_weights)
         dtype = compute_dtype(xp, per_sample_grads=g)

@@ -125,8 +125,12 @@ def test_sequence_materialised_path_is_chunked(monkeypatch):
 def test_auto_method_picks_cheaper_formula():
     import gradtail_ops.linear as linear
 
-    assert linear._use_ghost("auto", steps=4, d_in=512, d_out=512)  # T^2 tiny vs d^2
-    assert not linear._use_ghost("auto", steps=128, d_in=16, d_out=16)  # T^2 dominates
+    assert linear._use_ghost("auto", steps=4, d_in=512, d_out=512, with_dots=True)  # T^2 tiny vs d^2
+    assert not linear._use_ghost("auto", steps=128, d_in=16, d_out=16, with_dots=True)  # T^2 dominates
+    # Measured crossover (benchmarks/core_ops.py): T=128, 1024->1000 is ghost, 256->256 is not.
+    assert linear._use_ghost("auto", steps=128, d_in=1024, d_out=1000, with_dots=True)
+    assert not linear._use_ghost("auto", steps=128, d_in=256, d_out=256, with_dots=True)
+    assert linear._use_ghost("auto", steps=128, d_in=512, d_out=512, with_dots=False)
 
 
 @pytest.mark.parametrize(

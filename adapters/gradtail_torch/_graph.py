@@ -1,5 +1,8 @@
-"""A walk of the autograd graph from a loss: which leaves it reaches, and whether a
-train-mode batch norm sits between the loss and a tracked layer's output."""
+"""A walk of the autograd graph from a loss.
+
+It finds which leaves the loss reaches, and whether a train-mode batch norm sits between
+the loss and a tracked layer's output.
+"""
 
 from __future__ import annotations
 

@@ -53,15 +53,16 @@ def _collect_linears(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.
                 f"Received: {type(modules).__name__}."
             )
         return linears, root
-    linears = list(modules)
-    if not linears:
+    given = list(modules)
+    if not given:
         raise ValueError("GradTail needs at least one nn.Linear to track; Received: an empty sequence.")
-    for k, m in enumerate(linears):
+    for k, m in enumerate(given):
         if not isinstance(m, nn.Linear):
             raise TypeError(
                 "GradTail tracks nn.Linear modules (pass a whole model to track all of its Linear "
                 f"layers); Received: {type(m).__name__} at position {k}."
             )
+    linears = [m for m in given if isinstance(m, nn.Linear)]
     if len({id(m) for m in linears}) != len(linears):
         raise ValueError("GradTail received the same nn.Linear more than once.")
     return linears, None
@@ -138,7 +139,9 @@ class GradTail:
         if reference not in REFERENCES:
             raise ValueError(f"`reference` must be one of {REFERENCES}; Received: reference={reference!r}.")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be a non-negative int; Received: warmup_steps={warmup_steps!r}.")
+            raise ValueError(
+                f"`warmup_steps` must be a non-negative int; Received: warmup_steps={warmup_steps!r}."
+            )
         self.layers, self._root = _collect_linears(modules)
         self.decay = float(decay)
         self.reference = reference
@@ -161,7 +164,9 @@ class GradTail:
         self.last_alignment: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self._records = [_Record() for _ in self.layers]
-        self._handles = [m.register_forward_hook(self._hook(r)) for m, r in zip(self.layers, self._records)]
+        self._handles = [
+            m.register_forward_hook(self._hook(r)) for m, r in zip(self.layers, self._records, strict=True)
+        ]
         # Under torch.compile the tracked layers must run eagerly: inside a compiled region their
         # outputs are not nodes of the autograd graph, so their output gradients cannot be taken.
         # Excluding them from compilation costs a graph break per tracked layer, nothing else.
@@ -208,7 +213,11 @@ class GradTail:
     # ------------------------------------------------------------------------------ step
     def _check_loss(self, per_example_loss: Any) -> None:
         if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.ndim != 1:
-            shape = tuple(per_example_loss.shape) if hasattr(per_example_loss, "shape") else type(per_example_loss)
+            shape = (
+                tuple(per_example_loss.shape)
+                if hasattr(per_example_loss, "shape")
+                else type(per_example_loss)
+            )
             raise ValueError(
                 "`per_example_loss` must be a tensor of shape (B,), one loss per example "
                 f"(use reduction='none'); Received: {shape}."
@@ -245,7 +254,9 @@ class GradTail:
         present = [o for o in outputs if o is not None]
         # One backward from the summed loss: exact per example, since each loss depends only
         # on its own outputs (unless something mixes examples: see the batch-norm check).
-        grads = torch.autograd.grad(per_example_loss.sum(), present, retain_graph=retain_graph, allow_unused=True)
+        grads = torch.autograd.grad(
+            per_example_loss.sum(), present, retain_graph=retain_graph, allow_unused=True
+        )
         if all(g is None for g in grads):
             raise RuntimeError(
                 "The loss does not depend, through autograd, on any tracked layer's output. Either the "
@@ -274,7 +285,9 @@ class GradTail:
                 stacklevel=3,
             )
 
-    def _step(self, per_example_loss: torch.Tensor, *, retain_graph: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _step(
+        self, per_example_loss: torch.Tensor, *, retain_graph: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._check_loss(per_example_loss)
         if not self._batchnorm_checked:
             self._check_mixing(per_example_loss)
@@ -283,10 +296,11 @@ class GradTail:
         inputs = [r.inputs for r in self._records]
         self.discard()
         reduce = distributed_mean if self.sync_distributed and _distributed_active() else None
+        layers = list(zip(inputs, output_grads, strict=True))
         with torch.no_grad():
             out = linear_score_and_update(
                 self.state,
-                list(zip(inputs, output_grads)),
+                layers,
                 decay=self.decay,
                 reference=self.reference,
                 curve=self.curve,
@@ -298,7 +312,6 @@ class GradTail:
         self.state = out.state
         self.last_alignment = out.alignment.detach()
         self.last_weights = out.weights.detach()
-        layers = list(zip(inputs, output_grads))
         return out.weights.to(per_example_loss.dtype), layers  # type: ignore[return-value]
 
     def weights(self, per_example_loss: torch.Tensor) -> torch.Tensor:
@@ -364,16 +377,17 @@ class GradTail:
         weights, layers = self._step(per_example_loss, retain_graph=not book_keeping)
         self.last_backward = "book-keeping" if book_keeping else "weighted backward"
         if not book_keeping:
-            (weights.detach() * per_example_loss).mean().backward()
+            (weights.detach() * per_example_loss).mean().backward()  # type: ignore[no-untyped-call]
             return weights
         with torch.no_grad():
             coef = weights.detach()
-            for layer, (inputs, grads) in zip(self.layers, layers):
-                needs_bias = layer.bias is not None and layer.bias.requires_grad
-                gw, gb = linear_mean_grad(inputs, grads, bias=needs_bias, example_weights=coef)
-                _accumulate(layer.weight, gw)
-                if needs_bias:
-                    _accumulate(layer.bias, gb)
+            for layer, (inputs, grads) in zip(self.layers, layers, strict=True):
+                bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
+                gw, gb = linear_mean_grad(inputs, grads, bias=bias is not None, example_weights=coef)
+                if layer.weight.requires_grad:
+                    _accumulate(layer.weight, gw)
+                if bias is not None and gb is not None:
+                    _accumulate(bias, gb)
         return weights
 
     # ----------------------------------------------------------------------------- state
@@ -408,7 +422,9 @@ class GradTail:
         shapes = [[tuple(t.shape) for t in layer] for layer in current]
         received = [[tuple(t.shape) for t in layer] for layer in mean]
         if shapes != received:
-            raise ValueError(f"State shapes do not match the tracked layers: expected {shapes}; Received: {received}.")
+            raise ValueError(
+                f"State shapes do not match the tracked layers: expected {shapes}; Received: {received}."
+            )
         if state_dict.get("reference", self.reference) != self.reference:
             raise ValueError(
                 f"The state was built with reference={state_dict['reference']!r} but this GradTail uses "
@@ -416,8 +432,8 @@ class GradTail:
             )
         self.state = EMAState(
             mean=[
-                tuple(t.to(device=c.device, dtype=c.dtype) for t, c in zip(layer, cur))
-                for layer, cur in zip(mean, current)
+                tuple(t.to(device=c.device, dtype=c.dtype) for t, c in zip(layer, cur, strict=True))
+                for layer, cur in zip(mean, current, strict=True)
             ],
             total=state_dict["total"].to(device=self.state.total.device, dtype=self.state.total.dtype),
             count=state_dict["count"].to(device=self.state.count.device, dtype=self.state.count.dtype),
@@ -432,7 +448,7 @@ class _EagerLayers:
         self._saved = []
         for layer in layers:
             self._saved.append((layer, layer.__dict__.get("forward")))
-            layer.forward = torch.compiler.disable(layer.forward)  # type: ignore[method-assign]
+            layer.forward = torch.compiler.disable(layer.forward)  # type: ignore[method-assign,no-untyped-call]
 
     def restore(self) -> None:
         for layer, original in self._saved:
@@ -452,4 +468,8 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 def _distributed_active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
