@@ -32,6 +32,11 @@ unit: venv
 
 test: lint typecheck unit
 
+# The main job: GradTail against uniform and inverse-frequency weighting on Fashion-MNIST-LT
+# (installs Debian's dataset-fashion-mnist when run as root with apt-get; digits-LT otherwise).
+demo: venv
+	$(BIN)/python -m benchmarks.longtail.demo
+
 bench: venv
 	$(BIN)/python benchmarks/core_ops.py
 	$(BIN)/python benchmarks/render_tables.py

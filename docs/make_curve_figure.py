@@ -33,7 +33,11 @@ def main() -> None:
         left.plot(a, gt.weight_curve(a, max_weight=3.0, **kwargs), label=label)
     left.set(xlabel="alignment cos(g_i, G)", ylabel="weight", title="Fixed curves (max_weight=3)")
     left.legend(fontsize=7)
-    for kwargs in ({"kind": "rank", "quantile": 0.3}, {"kind": "zscore"}, {"kind": "rank", "normalize": True}):
+    for kwargs in (
+        {"kind": "rank", "quantile": 0.3},
+        {"kind": "zscore"},
+        {"kind": "rank", "normalize": True},
+    ):
         label = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         right.plot(batch, gt.weight_curve(batch, max_weight=3.0, **kwargs), marker=".", label=label)
     right.set(xlabel="alignment (a batch of 128, sorted)", ylabel="weight", title="Batch-relative curves")

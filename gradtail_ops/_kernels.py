@@ -20,3 +20,28 @@ def row_sq_norms(xp: ModuleType, x: Any, /) -> Any:
     if is_torch_namespace(xp):
         return xp.linalg.vector_norm(x, axis=-1) ** 2
     return xp.vecdot(x, x)
+
+
+def lerp(xp: ModuleType, start: Any, end: Any, weight: Any, /) -> Any:
+    """``start + weight * (end - start)`` for a scalar ``weight`` in [0, 1].
+
+    Exact at both ends: ``end`` itself for ``weight == 1`` and ``start`` itself where
+    ``end == start``. One fused pass (``torch.lerp``) on PyTorch; four elsewhere.
+    """
+    if is_torch_namespace(xp):
+        import torch  # the namespace is torch's, so torch is already imported
+
+        return torch.lerp(start, end, weight)
+    moved = start + weight * (end - start)
+    return xp.where(weight == 1.0, end, moved)
+
+
+def sums_finite(xp: ModuleType, arrays: list[Any], /) -> Any:
+    """Scalar boolean: every array's sum is finite.
+
+    True implies every entry is finite (an inf or NaN makes the sum inf or NaN); False also
+    flags a sum that overflows. One reduction per array, where ``all(isfinite(x))`` costs
+    up to three elementwise passes and a boolean temporary on some backends.
+    """
+    total = xp.stack([xp.sum(a) for a in arrays])
+    return xp.all(xp.isfinite(total))

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 from array_api_compat import device as array_device
 
 from ._checks import compute_dtype, namespace
+from ._kernels import lerp, sums_finite
 from ._tree import leaves, map_leaves, same_structure, structure_repr
 
 __all__ = ["EMAState", "ema_init", "ema_mean", "ema_update"]
@@ -72,7 +73,7 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
     """Fold one batch's reference gradient into the moving average.
 
     ``total' = decay * total + (1 - decay)`` and
-    ``mean' = (1 - r) * mean + r * g`` with ``r = (1 - decay) / total'``, which is the bias-corrected
+    ``mean' = mean + r * (g - mean)`` with ``r = (1 - decay) / total'``, which is the bias-corrected
     EMA ``sum_t w_t g_t / sum_t w_t`` for any sequence of decays. After the first update
     the mean equals ``g`` exactly; with ``decay = 0`` it equals the latest ``g``.
 
@@ -89,8 +90,9 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
     Returns
     -------
     EMAState
-        The new state. When any value of ``batch_mean_grad`` is not finite the state is
-        returned unchanged (decided with array ops, so it is ``jax.jit``-safe).
+        The new state. When a value of ``batch_mean_grad`` is not finite, or the update
+        would overflow the dtype, the state is returned unchanged (decided with array ops,
+        so it is ``jax.jit``-safe).
 
     Examples
     --------
@@ -123,28 +125,23 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
         d = xp.asarray(float(decay), dtype=dtype, device=array_device(state.total))
     else:
         d = xp.astype(decay, dtype)
-        ok = xp.isfinite(d)
-        d = xp.clip(xp.where(ok, d, xp.ones_like(d)), 0.0, 1.0)
-    # A non-finite batch (or traced decay) skips the update: the state can never turn non-finite.
-    finite = xp.all(xp.stack([xp.all(xp.isfinite(g)) for g in new]))
-    if not isinstance(decay, (int, float)):
-        finite = finite & ok
+        decay_ok = xp.isfinite(d)
+        d = xp.clip(xp.where(decay_ok, d, xp.ones_like(d)), 0.0, 1.0)
     total = d * state.total + (1.0 - d)
     rate = xp.where(
         total > 0, (1.0 - d) / xp.where(total > 0, total, xp.ones_like(total)), xp.zeros_like(total)
     )
-
-    def step(m: Array, g: Array) -> Array:
-        g = xp.astype(g, dtype, copy=False)
-        # A convex combination cannot overflow (g - m can). rate == 1 (first update, decay 0)
-        # takes g itself and g == m keeps m, both exactly, where rounding could move them.
-        moved = xp.where(rate == 1.0, g, xp.where(g == m, m, (1.0 - rate) * m + rate * g))
-        return xp.where(finite, moved, m)
-
+    moved = [lerp(xp, m, xp.astype(g, dtype, copy=False), rate) for m, g in zip(old, new, strict=True)]
+    # A non-finite batch, a non-finite traced decay, or an update that overflows leaves the
+    # state unchanged (checked on the result, so all three are caught): it never turns non-finite.
+    ok = sums_finite(xp, moved)
+    if not isinstance(decay, (int, float)):
+        ok = ok & decay_ok
+    it = iter([xp.where(ok, n, m) for n, m in zip(moved, old, strict=True)])
     return EMAState(
-        mean=map_leaves(step, state.mean, batch_mean_grad),
-        total=xp.where(finite, total, state.total),
-        count=xp.where(finite, state.count + 1, state.count),
+        mean=map_leaves(lambda _: next(it), state.mean),
+        total=xp.where(ok, total, state.total),
+        count=xp.where(ok, state.count + 1, state.count),
     )
 
 

@@ -302,16 +302,19 @@ def linear_mean_grad(
     extra = {} if example_weights is None else {"example_weights": example_weights}
     xp, a, d = _factors(inputs, output_grads, extra)
     batch = a.shape[0]
+    # The 1/B goes onto the per-example side: a (B,) or (B, T, d_out) pass, not a (d_out, d_in) one.
     if example_weights is not None:
         check_shape("example_weights", example_weights, (batch,), "one coefficient per example")
-        coef = xp.astype(example_weights, a.dtype, copy=False)
+        coef = xp.astype(example_weights, a.dtype, copy=False) / batch
         d = d * xp.reshape(coef, (batch,) + (1,) * (d.ndim - 1))
+    else:
+        d = d / batch
     rows_d = xp.reshape(d, (-1, d.shape[-1]))
     rows_a = xp.reshape(a, (-1, a.shape[-1]))
-    weight = (xp.matrix_transpose(rows_d) @ rows_a) / batch
+    weight = xp.matrix_transpose(rows_d) @ rows_a
     if not bias:
         return weight, None
-    return weight, xp.sum(rows_d, axis=0) / batch
+    return weight, xp.sum(rows_d, axis=0)
 
 
 def multi_linear_alignment(

@@ -7,6 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from gradtail_torch import GradTail
 
 

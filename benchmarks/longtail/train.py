@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gradtail_torch import GradTail
 from torch import nn
+
+from gradtail_torch import GradTail
 
 from .data import LongTailData
 
