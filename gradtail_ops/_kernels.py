@@ -45,3 +45,16 @@ def sums_finite(xp: ModuleType, arrays: list[Any], /) -> Any:
     """
     total = xp.stack([xp.sum(a) for a in arrays])
     return xp.all(xp.isfinite(total))
+
+
+def select_fresh(xp: ModuleType, condition: Any, fresh: Any, other: Any, /) -> Any:
+    """``where(condition, fresh, other)``, reusing ``fresh``'s buffer on PyTorch.
+
+    Only for a ``fresh`` array that nothing else references (just computed by the caller):
+    PyTorch writes the result into it, sparing a copy of a parameter-sized array.
+    """
+    if is_torch_namespace(xp):
+        import torch
+
+        return torch.where(condition, fresh, other, out=fresh)
+    return xp.where(condition, fresh, other)

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 from array_api_compat import device as array_device
 
 from ._checks import compute_dtype, namespace
-from ._kernels import lerp, sums_finite
+from ._kernels import lerp, select_fresh, sums_finite
 from ._tree import leaves, map_leaves, same_structure, structure_repr
 
 __all__ = ["EMAState", "ema_init", "ema_mean", "ema_update"]
@@ -137,7 +137,7 @@ def ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | Array
     ok = sums_finite(xp, moved)
     if not isinstance(decay, (int, float)):
         ok = ok & decay_ok
-    it = iter([xp.where(ok, n, m) for n, m in zip(moved, old, strict=True)])
+    it = iter([select_fresh(xp, ok, n, m) for n, m in zip(moved, old, strict=True)])
     return EMAState(
         mean=map_leaves(lambda _: next(it), state.mean),
         total=xp.where(ok, total, state.total),

@@ -1,0 +1,1291 @@
+"""Training-step overhead of ``gradtail_torch.GradTail`` against a plain PyTorch step, on CPU.
+
+One run times a whole training step (forward, loss, backward, SGD step) of an MLP for
+several ways of computing GradTail weights, side by side:
+
+* ``plain``: mean cross-entropy, ``loss.backward()``.
+* ``gt_head``: GradTail on the head alone, ``w = gt.weights(loss); (w * loss).mean().backward()``.
+* ``gt_all_backward``: GradTail on every ``nn.Linear``, ``gt.backward(loss)`` (the book-keeping
+  path: ``gt.last_backward == "book-keeping"`` is checked every step).
+* ``gt_all_weights``: GradTail on every ``nn.Linear``, ``gt.weights`` + a weighted backward.
+* ``func_head``: per-example head gradients materialised with ``torch.func`` (``vmap(grad)``
+  over the head only) + ``gradtail_ops.score_and_update`` + a weighted backward.
+* ``opacus_all``: Opacus ``GradSampleModule`` per-example gradients of the whole model +
+  ``score_and_update`` + the weighted mean gradient written to ``.grad`` (if Opacus imports).
+
+and, alone, the bare alignment kernel of the head (``linear_dots_and_sq_norms`` +
+``linear_mean_grad`` on the head's (B, d_in) inputs and (B, d_out) output gradients), so the
+extra time of ``gt_head`` over ``plain`` can be compared with the work it cannot avoid.
+
+Model: 784 -> 1024 -> 1024 (ReLU), then 1024 -> 512 -> 1000 (head "512x1000") or
+1024 -> 2048 -> 1000 (head "2048x1000"); batch sizes 64, 256, 1024. The variants of one
+(head, B) run interleaved (round robin, rotating the order) and each reports the median.
+Peak memory is measured for each variant in a fresh subprocess (see ``MEMORY_METHOD``).
+A torch.profiler pass then splits GradTail's own time into its parts.
+
+Usage::
+
+    .venv/bin/python benchmarks/torch_overhead.py            # full run, ~6-9 min on 2 cores
+    .venv/bin/python benchmarks/torch_overhead.py --quick    # smoke run (B=64), < 60 s
+    .venv/bin/python benchmarks/render_tables.py             # tables into docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+for _p in (REPO, REPO / "adapters", REPO / "benchmarks"):  # run from a checkout without installing
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+# The run measures a snapshot of the package sources taken at its start, shared with its memory
+# subprocesses through this variable, so edits to the working tree during a run (a shared
+# checkout) cannot mix versions.
+SNAPSHOT_ENV = "GRADTAIL_BENCH_SNAPSHOT"
+
+
+def _snapshot_sources() -> str | None:
+    snap = os.environ.get(SNAPSHOT_ENV)
+    if snap is None and "--no-snapshot" not in sys.argv and __name__ == "__main__":
+        snap = tempfile.mkdtemp(prefix="gradtail_bench_src_")
+        skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(REPO / "gradtail_ops", Path(snap) / "gradtail_ops", ignore=skip)
+        shutil.copytree(REPO / "adapters" / "gradtail_torch", Path(snap) / "gradtail_torch", ignore=skip)
+        os.environ[SNAPSHOT_ENV] = snap
+        import atexit
+
+        atexit.register(shutil.rmtree, snap, True)
+    if snap is not None:
+        sys.path.insert(0, snap)
+    return snap
+
+
+SNAPSHOT = _snapshot_sources()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gradtail_ops  # noqa: E402
+from gradtail_ops import (  # noqa: E402
+    DEFAULT_CURVE,
+    DEFAULT_DECAY,
+    EMAState,
+    ema_init,
+    inverse_norms,
+    linear_dots_and_sq_norms,
+    linear_mean_grad,
+    score_and_update,
+    weighted_batch_mean,
+)
+from gradtail_ops._tree import leaves, map_leaves  # noqa: E402
+from gradtail_torch import GradTail  # noqa: E402
+
+BENCHMARK = "torch_overhead"
+SCHEMA_VERSION = 1
+DEFAULT_OUT = Path("benchmarks/results/torch_overhead.json")
+QUICK_OUT = Path("results/torch_overhead_quick.json")
+
+D_IN, HIDDEN, CLASSES = 784, 1024, 1000
+HEADS = {"512x1000": 512, "2048x1000": 2048}  # name -> width of the head's input
+BATCHES_FULL = (64, 256, 1024)
+BATCHES_QUICK = (64,)
+VARIANTS = (
+    "plain",
+    "gt_head",
+    "gt_all_backward",
+    "gt_all_weights",
+    "func_head",
+    "opacus_all",
+    "gt_head_fastema",
+    "gt_all_backward_fastema",
+)
+GT_VARIANTS = ("gt_head", "gt_all_backward", "gt_all_weights")
+# Benchmark-side prototypes of a fix (gradtail_ops.step.ema_update swapped for `fast_ema_update`
+# during their steps); no target applies to them.
+PROTO_VARIANTS = ("gt_head_fastema", "gt_all_backward_fastema")
+VARIANT_TEXT = {
+    "plain": "plain step, mean cross-entropy",
+    "gt_head": "GradTail(head): gt.weights(loss), (w * loss).mean().backward()",
+    "gt_all_backward": "GradTail(model), every nn.Linear: gt.backward(loss) (book-keeping)",
+    "gt_all_weights": "GradTail(model), every nn.Linear: gt.weights(loss) + weighted backward",
+    "func_head": "torch.func vmap(grad) per-example head gradients + score_and_update + weighted backward",
+    "opacus_all": "Opacus GradSampleModule (whole model) + score_and_update + weighted mean .grad",
+    "gt_head_fastema": "gt_head with the prototype fast_ema_update (benchmark-side patch)",
+    "gt_all_backward_fastema": "gt_all_backward with the prototype fast_ema_update (benchmark-side patch)",
+}
+
+TARGETS = {
+    "head_ratio": {
+        "op": "<=",
+        "value": 1.15,
+        "applies": "head 512x1000, B=256, gt_head",
+        "text": "GradTail step / plain step <= 1.15 with the 512x1000 head tracked alone (B=256)",
+    },
+    "all_backward_ratio": {
+        "op": "<=",
+        "value": 1.35,
+        "applies": "head 512x1000, B=256, gt_all_backward",
+        "text": "GradTail step / plain step <= 1.35 with every Linear tracked through gt.backward (B=256)",
+    },
+    "extra_over_kernel": {
+        "op": "<=",
+        "value": 2.0,
+        "applies": "head 2048x1000, every B, gt_head",
+        "text": "(gt_head step - plain step) <= 2x the bare head kernel's time, 2048x1000 head",
+    },
+    "memory_ratio": {
+        "op": "<=",
+        "value": 1.1,
+        "applies": "every head and B, the three GradTail variants",
+        "text": "GradTail step's peak memory <= 1.1x the plain step's peak (live tensors, state included)",
+    },
+}
+
+TIMING_METHOD = (
+    "time.perf_counter around one whole step (optimizer.zero_grad(set_to_none=True), forward, "
+    "loss, backward, SGD step; torch CPU ops are synchronous). Every variant trains its own copy "
+    "of the same initial model on the same batch; each runs `warmup` steps first (GradTail's "
+    "first step has no reference), then the variants of one (head, B) run interleaved "
+    "round robin with the order rotated every round; seconds = median over the rounds. "
+    "The head kernel is timed in the same rounds under torch.no_grad()."
+)
+MEMORY_METHOD = {
+    "step_peak_bytes": (
+        "Peak of live tensor bytes during one step, counting everything the step holds: "
+        "persistent_bytes + the gradients left by the previous step (grad_bytes_between_steps) + "
+        "step_transient_bytes. The memory target compares this number with the plain step's."
+    ),
+    "step_transient_bytes": (
+        "torch.profiler(profile_memory=True) over two steps after the warm-up: peak of the running "
+        "sum of the CPU allocator's [memory] events (alloc +bytes, free -bytes) inside the second "
+        "step, minus the sum at its start. Profiling the step before too means every block the "
+        "measured step frees was seen being allocated. Sees every tensor (activations, autograd "
+        "buffers, .grad, per-example gradients, GradTail temporaries), not Python objects."
+    ),
+    "persistent_bytes": (
+        "Tensors alive between steps, computed from their shapes: parameters, the batch, and the "
+        "reference state (GradTail's EMA: one weight- and bias-sized copy per tracked layer)."
+    ),
+    "rss_peak_above_baseline_bytes": (
+        "Cross-check from the OS, in a fresh subprocess per variant started with "
+        "MALLOC_MMAP_THRESHOLD_=65536 (every block over 64 KiB is its own mmap, returned to the "
+        "OS when freed, so no reuse of freed heap pages hides a peak): VmHWM after one step, "
+        "reset with /proc/self/clear_refs just before it, minus VmRSS before the model was built "
+        "(taken after the same variant ran on a tiny model, so library code paged in and lazy "
+        "initialisation are in the baseline). Includes allocator and Python overheads the "
+        "profiler does not see."
+    ),
+    "process_peak_rss_bytes": (
+        "Peak RSS of that subprocess (VmHWM, read before the reset and at the end; not ru_maxrss, "
+        "which on Linux includes the parent's RSS at fork): the whole process (Python, torch "
+        "and its libraries, model, warm-up steps), for scale."
+    ),
+}
+
+
+# --------------------------------------------------------------------------- models and steps
+
+
+DIMS = (D_IN, HIDDEN, CLASSES)
+TINY_DIMS = (16, 16, 10)  # warms the code paths (pages in library code) before a memory baseline
+
+
+def build_model(head_width: int, seed: int, dims: tuple[int, int, int] = DIMS) -> nn.Sequential:
+    d_in, hidden, classes = dims
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, head_width),
+        nn.ReLU(),
+        nn.Linear(head_width, classes),
+    )
+
+
+def make_batch(batch: int, seed: int, dims: tuple[int, int, int] = DIMS) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + batch)
+    return torch.randn(batch, dims[0], generator=g), torch.randint(0, dims[2], (batch,), generator=g)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def materialized_bytes(variant: str, head_width: int, batch: int) -> int:
+    """Bytes of the per-example gradients a materialising variant builds (0 for the others)."""
+    if variant == "func_head":
+        return 4 * batch * (head_width * CLASSES + CLASSES)
+    if variant == "opacus_all":
+        return 4 * batch * n_params(build_model(head_width, 0))
+    return 0
+
+
+class Step:
+    """One variant's model, optimizer and GradTail objects; ``step(x, y)`` runs one step."""
+
+    def __init__(
+        self, variant: str, head_width: int, seed: int, lr: float, dims: tuple[int, int, int] = DIMS
+    ) -> None:
+        self.variant = variant
+        self.model = build_model(head_width, seed, dims)
+        self.model.train()
+        self.head = self.model[-1]
+        self.body = self.model[:-1]
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
+        self.gt: GradTail | None = None
+        self.state = None
+        self.gsm = None
+        self.step: Callable[[torch.Tensor, torch.Tensor], Any]
+        if variant == "plain":
+            self.step = self._plain
+        elif variant == "gt_head":
+            self.gt = GradTail(self.head)
+            self.step = self._gt_weights
+        elif variant == "gt_all_backward":
+            self.gt = GradTail(self.model)
+            self.step = self._gt_backward
+        elif variant == "gt_all_weights":
+            self.gt = GradTail(self.model)
+            self.step = self._gt_weights
+        elif variant == "gt_head_fastema":
+            self.gt = GradTail(self.head)
+            self.step = with_fast_ema(self._gt_weights)
+        elif variant == "gt_all_backward_fastema":
+            self.gt = GradTail(self.model)
+            self.step = with_fast_ema(self._gt_backward)
+        elif variant == "func_head":
+            self.state = ema_init([self.head.weight.detach(), self.head.bias.detach()])
+            self.step = self._func_head
+        elif variant == "opacus_all":
+            from opacus import GradSampleModule
+
+            self.params = list(self.model.parameters())
+            self.state = ema_init([p.detach() for p in self.params])
+            self.gsm = GradSampleModule(self.model)
+            self.step = self._opacus
+        else:
+            raise ValueError(variant)
+
+    # the steps -----------------------------------------------------------------------
+    def _plain(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+
+    def _gt_weights(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        assert self.gt is not None
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y, reduction="none")
+        w = self.gt.weights(loss)
+        (w * loss).mean().backward()
+        self.opt.step()
+
+    def _gt_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        assert self.gt is not None
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y, reduction="none")
+        self.gt.backward(loss)
+        if self.gt.last_backward != "book-keeping":
+            raise RuntimeError(f"gt.backward took the {self.gt.last_backward!r} path, not book-keeping")
+        self.opt.step()
+
+    def _func_head(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        head = self.head
+        self.opt.zero_grad(set_to_none=True)
+        h = self.body(x)
+        loss = F.cross_entropy(head(h), y, reduction="none")
+        params = {k: v.detach() for k, v in head.named_parameters()}
+
+        def one(p: dict[str, torch.Tensor], hi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(functional_call(head, p, (hi[None],)), yi[None])
+
+        with torch.no_grad():
+            g = vmap(grad(one), in_dims=(None, 0, 0))(params, h.detach(), y)
+            out = score_and_update(
+                self.state, [g["weight"], g["bias"]], decay=DEFAULT_DECAY, curve=DEFAULT_CURVE
+            )
+        del g
+        self.state = out.state
+        (out.weights.detach() * loss).mean().backward()
+        self.opt.step()
+
+    def _opacus(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        assert self.gsm is not None
+        self.gsm.zero_grad(set_to_none=True)  # clears .grad and .grad_sample
+        loss = F.cross_entropy(self.gsm(x), y)  # loss_reduction="mean": grad_sample is per example
+        loss.backward()
+        with torch.no_grad():
+            samples = [p.grad_sample for p in self.params]
+            out = score_and_update(self.state, samples, decay=DEFAULT_DECAY, curve=DEFAULT_CURVE)
+            self.state = out.state
+            for p, gs in zip(self.params, samples, strict=True):
+                p.grad = weighted_batch_mean(gs, out.weights)
+                p.grad_sample = None
+        del samples
+        self.opt.step()
+
+    # memory book-keeping ---------------------------------------------------------------
+    def persistent_bytes(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        total += x.numel() * x.element_size() + y.numel() * y.element_size()
+        state = self.gt.state if self.gt is not None else self.state
+        if state is not None:
+            total += sum(t.numel() * t.element_size() for t in leaves(state.mean))
+        return total
+
+
+def fast_ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | torch.Tensor) -> EMAState:
+    """Prototype of a cheaper ``gradtail_ops.ema_update`` for torch (same results, new tensors).
+
+    The package's version makes ~10 full passes over every reference-sized array per step
+    (isfinite = eq + abs + ne, all, sub, mul, add, two wheres), each into a fresh buffer.
+    Here: one ``sum`` per leaf decides finiteness (a finite sum implies finite entries; only a
+    non-finite sum, i.e. a non-finite entry or an overflow, falls back to the exact
+    elementwise test), and one ``torch.lerp`` per leaf moves the mean.
+    """
+    old, new = leaves(state.mean), leaves(batch_mean_grad)
+    dtype = state.total.dtype
+    sums = torch.stack([g.sum(dtype=dtype) for g in new])
+    finite = bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(g).all()) for g in new)
+    if not finite:
+        return state
+    d = torch.as_tensor(decay, dtype=dtype).clamp(0.0, 1.0)
+    total = d * state.total + (1.0 - d)
+    rate = float((1.0 - d) / total) if float(total) > 0 else 0.0
+    moved = [
+        g.to(dtype, copy=True) if rate == 1.0 else torch.lerp(m, g.to(dtype), rate)
+        for m, g in zip(old, new, strict=True)
+    ]
+    it = iter(moved)
+    mean = map_leaves(lambda _m: next(it), state.mean)
+    return EMAState(mean=mean, total=total, count=state.count + 1)
+
+
+def with_fast_ema(
+    step: Callable[[torch.Tensor, torch.Tensor], Any],
+) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    import gradtail_ops.step as step_mod
+
+    def patched(x: torch.Tensor, y: torch.Tensor) -> Any:
+        original = step_mod.ema_update
+        step_mod.ema_update = fast_ema_update
+        try:
+            return step(x, y)
+        finally:
+            step_mod.ema_update = original
+
+    return patched
+
+
+def fast_ema_agreement(head_width: int, batch: int, opts: argparse.Namespace) -> float:
+    """Max |difference| of the reference states after 3 identical steps, package vs. prototype."""
+    x, y = make_batch(batch, opts.seed)
+    a, b = (
+        Step("gt_all_backward", head_width, opts.seed, 0.0),
+        Step("gt_all_backward_fastema", head_width, opts.seed, 0.0),
+    )
+    for _ in range(3):
+        a.step(x, y)
+        b.step(x, y)
+    sa, sb = a.gt.state, b.gt.state  # type: ignore[union-attr]
+    diffs = [float((u - v).abs().max()) for u, v in zip(leaves(sa.mean), leaves(sb.mean), strict=True)]
+    return max([*diffs, float((sa.total - sb.total).abs()), float((sa.count - sb.count).abs())])
+
+
+class HeadKernel:
+    """The bare factored alignment work of the head: dots/norms, then the weighted mean gradient."""
+
+    def __init__(self, head_width: int, batch: int, seed: int) -> None:
+        model = build_model(head_width, seed)
+        x, y = make_batch(batch, seed)
+        head = model[-1]
+        self.a = model[:-1](x).detach()
+        out = head(self.a)
+        loss = F.cross_entropy(out, y, reduction="none")
+        (self.d,) = torch.autograd.grad(loss.sum(), [out])
+        with torch.no_grad():
+            self.gw, self.gb = linear_mean_grad(self.a, self.d)
+            self.coef = inverse_norms(linear_dots_and_sq_norms(self.a, self.d, self.gw, self.gb)[1])
+
+    def __call__(self) -> Any:
+        with torch.no_grad():
+            parts = linear_dots_and_sq_norms(self.a, self.d, self.gw, self.gb)
+            return parts, linear_mean_grad(self.a, self.d, bias=True, example_weights=self.coef)
+
+
+def opacus_status() -> tuple[bool, str]:
+    try:
+        import opacus
+        from opacus import GradSampleModule
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            gsm = GradSampleModule(m)
+            F.cross_entropy(gsm(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
+            shapes = [tuple(p.grad_sample.shape) for p in m.parameters()]
+        if shapes[0] != (5, 8, 4):
+            return False, f"opacus {opacus.__version__}: unexpected grad_sample shape {shapes[0]}"
+        return True, f"opacus {opacus.__version__} imports and runs beside torch {torch.__version__}"
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def skip_reason(variant: str, head_width: int, batch: int, opts: argparse.Namespace) -> str | None:
+    if variant == "opacus_all" and not opts.opacus_ok:
+        return f"Opacus unavailable ({opts.opacus_info})"
+    size = materialized_bytes(variant, head_width, batch)
+    if size > opts.max_materialize_gib * 2**30:
+        return (
+            f"per-example gradients would take {size / 2**30:.1f} GiB "
+            f"(> --max-materialize-gib {opts.max_materialize_gib:g})"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_config(
+    head_width: int, batch: int, variants: Sequence[str], opts: argparse.Namespace
+) -> tuple[dict[str, list[float]], list[float]]:
+    x, y = make_batch(batch, opts.seed)
+    steps = {v: Step(v, head_width, opts.seed, opts.lr) for v in variants}
+    kernel = HeadKernel(head_width, batch, opts.seed)
+    calls: dict[str, Callable[[], Any]] = {v: (lambda s=s: s.step(x, y)) for v, s in steps.items()}
+    calls["kernel"] = kernel
+    warm: dict[str, float] = {}
+    for name, call in calls.items():
+        for _ in range(opts.warmup):
+            start = time.perf_counter()
+            call()
+            warm[name] = time.perf_counter() - start
+    per_round = sum(warm.values())
+    rounds = max(3, min(opts.repeats, int(opts.budget / per_round) if per_round > 0 else opts.repeats))
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        gc.collect()
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    kernel_times = times.pop("kernel")
+    return times, kernel_times
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _read_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return False
+    return True
+
+
+def profiler_peak(call: Callable[[], Any]) -> tuple[int, int]:
+    """Live-byte growth of the CPU allocator during the second of two calls: (peak, net).
+
+    The first call runs under the profiler too, so every block that the measured call frees
+    (last step's gradients, GradTail state, cached records) was allocated under the profiler
+    and its free is counted; blocks allocated before profiling started are never freed in
+    the measured call.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+        with record_function("measured_step"):
+            call()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            trace = json.load(fh)
+    finally:
+        os.unlink(path)
+    events = trace.get("traceEvents", [])
+    span = next(e for e in events if e.get("name") == "measured_step" and e.get("ph") == "X")
+    start, stop = float(span["ts"]), float(span["ts"]) + float(span.get("dur", 0))
+    mem = [e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
+    mem.sort(key=lambda e: (float(e.get("ts", 0)), e.get("args", {}).get("Ev Idx", 0)))
+    live = 0
+    before = peak = None
+    for e in mem:
+        ts = float(e.get("ts", 0))
+        if ts >= start and before is None:
+            before = peak = live
+        if ts > stop:
+            break
+        live += int(e["args"].get("Bytes", 0))
+        if before is not None:
+            peak = max(peak, live)  # type: ignore[type-var]
+    if before is None:  # no allocation at all in the measured call
+        return 0, 0
+    return int(peak) - before, live - before  # type: ignore[operator]
+
+
+def measure_memory(
+    variant: str, head_width: int, batch: int, seed: int, lr: float, warmup: int, rss: bool = True
+) -> dict[str, Any]:
+    """Memory of one variant's step (run in a fresh process by ``memory_subprocess``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Library code paged in and lazy initialisation belong to the baseline: run the same
+        # variant on a tiny model first, then drop it.
+        tx, ty = make_batch(4, seed, TINY_DIMS)
+        tiny = Step(variant, 8, seed, lr, TINY_DIMS)
+        for _ in range(warmup + 2):
+            tiny.step(tx, ty)
+        del tiny, tx, ty
+        gc.collect()
+        baseline = _read_status_kib("VmRSS")
+        x, y = make_batch(batch, seed)
+        s = Step(variant, head_width, seed, lr)
+        for _ in range(warmup):
+            s.step(x, y)
+        grads = sum(
+            p.grad.numel() * p.grad.element_size() for p in s.model.parameters() if p.grad is not None
+        )
+        out: dict[str, Any] = {
+            "persistent_bytes": s.persistent_bytes(x, y),
+            "grad_bytes_between_steps": grads,
+        }
+        hwm_before = _read_status_kib("VmHWM") or 0
+        if rss and baseline is not None and reset_peak_rss():
+            gc.collect()
+            s.step(x, y)
+            peak_kib = _read_status_kib("VmHWM")
+            out["rss_peak_above_baseline_bytes"] = None if peak_kib is None else (peak_kib - baseline) * 1024
+        transient, net = profiler_peak(lambda: s.step(x, y))
+        out["step_transient_bytes"] = transient
+        out["step_net_bytes"] = net
+        out["step_peak_bytes"] = out["persistent_bytes"] + grads + transient
+    if rss:
+        # Not ru_maxrss: Linux folds the parent's RSS at fork into a child's ru_maxrss.
+        out["process_peak_rss_bytes"] = max(hwm_before, _read_status_kib("VmHWM") or 0) * 1024
+    return out
+
+
+def memory_subprocess(variant: str, head_width: int, batch: int, opts: argparse.Namespace) -> dict[str, Any]:
+    spec = {"variant": variant, "head_width": head_width, "batch": batch, "seed": opts.seed, "lr": opts.lr}
+    spec["warmup"] = opts.warmup
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
+    cmd += ["--threads", str(opts.threads)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": "memory subprocess timed out"}
+    if res.returncode != 0:
+        return {"error": f"memory subprocess failed ({res.returncode}): {res.stderr.strip()[-500:]}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- profile
+
+
+class Timer:
+    """Accumulates wall time per label (nested labels count in their parents too)."""
+
+    def __init__(self, use_profiler_labels: bool) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.labels = use_profiler_labels
+
+    @contextlib.contextmanager
+    def span(self, label: str) -> Iterator[None]:
+        ctx = torch.profiler.record_function(label) if self.labels else contextlib.nullcontext()
+        start = time.perf_counter()
+        with ctx:
+            yield
+        self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+        self.calls[label] = self.calls.get(label, 0) + 1
+
+    def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with self.span(label):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+
+# What GradTail's time is split into. Parent -> children (a label's "self" time is its total
+# minus its children's: Python code, validation, array_api_compat dispatch, small ops).
+PROFILE_TREE = {
+    "step": ["forward", "loss", "backward", "gt.weights", "gt.backward", "weighted backward", "optimizer"],
+    "gt.backward": ["inspect_graph", "_step", "book-keeping grads"],
+    "gt.weights": ["_step"],
+    "_step": ["check_loss", "autograd.grad (output grads)", "linear_score_and_update"],
+    "linear_score_and_update": [
+        "dots_and_sq_norms",
+        "inverse_norms",
+        "reference mean grad",
+        "cosine",
+        "weight curve",
+        "ema_update",
+    ],
+}
+
+
+@contextlib.contextmanager
+def instrumented(timer: Timer) -> Iterator[None]:
+    """Wrap GradTail's internals with timing spans (benchmark-side monkeypatching only)."""
+    import gradtail_ops.curves as curves_mod
+    import gradtail_ops.step as step_mod
+    import gradtail_torch.hook as hook_mod
+
+    patches = [
+        (hook_mod, "inspect_graph", "inspect_graph"),
+        (hook_mod, "linear_score_and_update", "linear_score_and_update"),
+        (hook_mod, "linear_mean_grad", "book-keeping grads"),
+        (step_mod, "multi_linear_dots_and_sq_norms", "dots_and_sq_norms"),
+        (step_mod, "inverse_norms", "inverse_norms"),
+        (step_mod, "linear_mean_grad", "reference mean grad"),
+        (step_mod, "cosine_from_dots", "cosine"),
+        (step_mod, "ema_update", "ema_update"),
+        (curves_mod.WeightCurve, "__call__", "weight curve"),
+        (hook_mod.GradTail, "_check_loss", "check_loss"),
+        (hook_mod.GradTail, "_output_grads", "autograd.grad (output grads)"),
+        (hook_mod.GradTail, "_step", "_step"),
+    ]
+    saved = []
+    for owner, attr, label in patches:
+        original = owner.__dict__[attr]
+        saved.append((owner, attr, original))
+        setattr(owner, attr, timer.wrap(label, original))
+    try:
+        yield
+    finally:
+        for owner, attr, original in reversed(saved):
+            setattr(owner, attr, original)
+
+
+def profiled_step(s: Step, x: torch.Tensor, y: torch.Tensor, timer: Timer) -> None:
+    gt = s.gt
+    assert gt is not None
+    with timer.span("step"):
+        s.opt.zero_grad(set_to_none=True)
+        with timer.span("forward"):
+            out = s.model(x)
+        with timer.span("loss"):
+            loss = F.cross_entropy(out, y, reduction="none")
+        if s.variant == "gt_all_backward":
+            with timer.span("gt.backward"):
+                gt.backward(loss)
+        else:
+            with timer.span("gt.weights"):
+                w = gt.weights(loss)
+            with timer.span("weighted backward"):
+                (w * loss).mean().backward()
+        with timer.span("optimizer"):
+            s.opt.step()
+
+
+def plain_profiled_step(s: Step, x: torch.Tensor, y: torch.Tensor, timer: Timer) -> None:
+    with timer.span("step"):
+        s.opt.zero_grad(set_to_none=True)
+        with timer.span("forward"):
+            out = s.model(x)
+        with timer.span("loss"):
+            loss = F.cross_entropy(out, y)
+        with timer.span("backward"):
+            loss.backward()
+        with timer.span("optimizer"):
+            s.opt.step()
+
+
+def profile_breakdown(head_width: int, batch: int, opts: argparse.Namespace) -> dict[str, Any]:
+    """Where a GradTail step's time goes: perf_counter spans + torch.profiler top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, y = make_batch(batch, opts.seed)
+    variants = ["plain", *GT_VARIANTS]
+    steps = {v: Step(v, head_width, opts.seed, opts.lr) for v in variants}
+    for s in steps.values():
+        for _ in range(opts.warmup):
+            s.step(x, y)
+    n = opts.profile_steps
+    result: dict[str, Any] = {"head": f"{head_width}x{CLASSES}", "B": batch, "steps": n, "variants": {}}
+    # 1) perf_counter spans, interleaved, no profiler running (its overhead distorts small ops).
+    timers = {v: Timer(False) for v in variants}
+    for _ in range(n):
+        for v in variants:
+            if v == "plain":
+                plain_profiled_step(steps[v], x, y, timers[v])
+            else:
+                with instrumented(timers[v]):
+                    profiled_step(steps[v], x, y, timers[v])
+    # 2) torch.profiler over the same steps: the aten ops inside GradTail's part of the step.
+    for v in variants:
+        timer = timers[v]
+        per_step = {k: t / n for k, t in timer.seconds.items()}
+        entry: dict[str, Any] = {"spans_ms": {k: 1e3 * t for k, t in per_step.items()}}
+        selfs = {}
+        for parent, children in PROFILE_TREE.items():
+            if parent in per_step:
+                kids = sum(per_step.get(c, 0.0) for c in children)
+                selfs[parent] = 1e3 * (per_step[parent] - kids)
+        entry["self_ms"] = selfs
+        if v != "plain":
+            ptimer = Timer(True)
+            with instrumented(ptimer), profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(max(2, n // 2)):
+                    profiled_step(steps[v], x, y, ptimer)
+            k = max(2, n // 2)
+            gt_label = "gt.backward" if v == "gt_all_backward" else "gt.weights"
+            entry["profiler_top_ops"] = top_ops_under(prof, gt_label, k)
+        result["variants"][v] = entry
+    result["ema_update_ms"] = ema_comparison(steps["gt_head"], steps["gt_all_backward"])
+    return result
+
+
+def ema_comparison(head: Step, every: Step, repeats: int = 7) -> dict[str, dict[str, float]]:
+    """``ema_update`` (package) vs. ``fast_ema_update`` (prototype) alone, on the real states."""
+    from gradtail_ops import ema_update
+
+    out = {}
+    for name, s in (("head", head), ("all_linears", every)):
+        assert s.gt is not None
+        state = s.gt.state
+        batch = state.mean  # any reference of the right structure
+        row = {}
+        for label, fn in (("package", ema_update), ("prototype", fast_ema_update)):
+            fn(state, batch, decay=DEFAULT_DECAY)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn(state, batch, decay=DEFAULT_DECAY)
+                times.append(time.perf_counter() - start)
+            row[label] = 1e3 * statistics.median(times)
+        row["reference_floats"] = float(sum(t.numel() for t in leaves(state.mean)))
+        out[name] = row
+    return out
+
+
+def top_ops_under(prof: Any, label: str, steps: int, limit: int = 12) -> list[dict[str, Any]]:
+    """aten ops (self CPU time per step) that ran inside the ``label`` record_function spans."""
+    events = prof.events()
+    spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == label]
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        start = e.time_range.start
+        if any(a <= start <= b for a, b in spans):
+            t = totals.setdefault(e.name, [0.0, 0])
+            t[0] += e.self_cpu_time_total
+            t[1] += 1
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:limit]
+    return [
+        {"op": name, "self_ms_per_step": us / 1e3 / steps, "calls_per_step": c / steps}
+        for name, (us, c) in rows
+    ]
+
+
+# --------------------------------------------------------------------------- checks and report
+
+
+def check(key: str, value: float | None) -> dict[str, Any]:
+    target = TARGETS[key]
+    if value is None or not math.isfinite(value):
+        passed = None
+    elif target["op"] == ">=":
+        passed = bool(value >= target["value"])
+    else:
+        passed = bool(value <= target["value"])
+    return {"name": key, "value": value, "target": dict(target), "passed": passed}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return float(num) / float(den)
+
+
+def checks_for(head: str, batch: int, variant: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    if head == "512x1000" and batch == 256 and variant == "gt_head":
+        out.append(check("head_ratio", entry.get("ratio_to_plain")))
+    if head == "512x1000" and batch == 256 and variant == "gt_all_backward":
+        out.append(check("all_backward_ratio", entry.get("ratio_to_plain")))
+    if head == "2048x1000" and variant == "gt_head":
+        out.append(check("extra_over_kernel", entry.get("extra_over_kernel")))
+    if variant in GT_VARIANTS and "peak_ratio_to_plain" in entry:
+        out.append(check("memory_ratio", entry.get("peak_ratio_to_plain")))
+    return out
+
+
+def grad_agreement(head_width: int, batch: int, opts: argparse.Namespace) -> float:
+    """Max |.grad| difference of gt.backward (book-keeping) vs gt.weights + weighted backward."""
+    x, y = make_batch(batch, opts.seed)
+    a, b = (
+        Step("gt_all_backward", head_width, opts.seed, opts.lr),
+        Step("gt_all_weights", head_width, opts.seed, 0.0),
+    )
+    for _ in range(2):  # the second step has a reference, so the weights are not all ones
+        for s in (a, b):
+            s.opt.zero_grad(set_to_none=True)
+        la = F.cross_entropy(a.model(x), y, reduction="none")
+        lb = F.cross_entropy(b.model(x), y, reduction="none")
+        a.gt.backward(la)  # type: ignore[union-attr]
+        (b.gt.weights(lb) * lb).mean().backward()  # type: ignore[union-attr]
+    return max(
+        float((p.grad - q.grad).abs().max())
+        for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True)
+    )
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def source_hash(ops_dir: Path, torch_dir: Path) -> str:
+    """Hash of the package sources in two directories (same value for a snapshot and its origin)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for prefix, folder in (("gradtail_ops", ops_dir), ("gradtail_torch", torch_dir)):
+        for path in sorted(folder.glob("*.py")):
+            h.update(f"{prefix}/{path.name}".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def imported_source_hash() -> str:
+    """Hash of the sources this process imported (the snapshot when there is one)."""
+    import gradtail_torch
+
+    return source_hash(Path(gradtail_ops.__file__).parent, Path(gradtail_torch.__file__).parent)
+
+
+def working_tree_hash() -> str:
+    return source_hash(REPO / "gradtail_ops", REPO / "adapters" / "gradtail_torch")
+
+
+def git_info() -> dict[str, Any]:
+    def git(*cmd: str) -> str | None:
+        try:
+            res = subprocess.run(
+                ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--", "gradtail_ops", "adapters")
+    return {"commit": git("rev-parse", "HEAD"), "gradtail_ops_dirty": None if dirty is None else bool(dirty)}
+
+
+def machine_info(opts: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    versions = {
+        "python": platform.python_version(),
+        "gradtail_ops": gradtail_ops.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+    if opts.opacus_ok:
+        import opacus
+
+        versions["opacus"] = opacus.__version__
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    return {
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "mem_total_bytes": mem_total_bytes(),
+        "versions": versions,
+        "torch_num_threads": torch.get_num_threads(),
+        "threads": {
+            "requested": opts.threads or "library default",
+            "torch_num_threads": torch.get_num_threads(),
+        },
+        "git": git_info(),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Training-step time and peak memory of gradtail_torch.GradTail vs. a plain step "
+        "(and torch.func / Opacus per-example gradients), on CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="B=64 only, few repeats, in-process memory: < 60 s")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON output (default: {DEFAULT_OUT}; with --quick: {QUICK_OUT}, so a smoke run never "
+        "overwrites the full results)",
+    )
+    p.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of " + ",".join(HEADS))
+    p.add_argument(
+        "--batches", default=None, help="comma-separated batch sizes (default 64,256,1024; quick 64)"
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(v for v in VARIANTS if v not in PROTO_VARIANTS),
+        help="comma-separated subset of " + ",".join(VARIANTS) + " (the *_fastema prototypes are opt-in)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds per (head, B) (default 11; quick 3)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of timed rounds per (head, B); rounds drop (never below 3) to fit "
+        "(default 30; quick 3)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per variant before timing (default 2; quick 1)",
+    )
+    p.add_argument(
+        "--memory",
+        choices=("subprocess", "inprocess", "none"),
+        default=None,
+        help="peak memory: a fresh subprocess per variant (RSS cross-check honest), in this process "
+        "(profiler only), or not at all (default subprocess; quick inprocess)",
+    )
+    p.add_argument(
+        "--max-materialize-gib",
+        type=float,
+        default=None,
+        help="skip torch.func/Opacus where their per-example gradients would exceed this many GiB "
+        "(default 2; quick 0.75)",
+    )
+    p.add_argument(
+        "--profile-batch", type=int, default=None, help="B of the profile pass (default 256; quick 64)"
+    )
+    p.add_argument(
+        "--profile-steps", type=int, default=None, help="steps in the profile pass (default 8; quick 2)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads; 0 keeps torch's default. On a shared 2-core machine 1 gives "
+        "stable ratios: with another process on a core, 2-thread ops stall for tens of ms",
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="import the package from the working tree instead of a copy taken at the start",
+    )
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    for h in args.heads:
+        if h not in HEADS:
+            p.error(f"unknown head {h!r}; choose from {tuple(HEADS)}")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in args.variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {VARIANTS}")
+    if "plain" not in args.variants:
+        args.variants.insert(0, "plain")
+    if args.batches is None:
+        args.batches = list(BATCHES_QUICK if args.quick else BATCHES_FULL)
+    else:
+        args.batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 11
+    if args.budget is None:
+        args.budget = 3.0 if args.quick else 30.0
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.max_materialize_gib is None:
+        args.max_materialize_gib = 0.75 if args.quick else 2.0
+    if args.memory is None:
+        args.memory = "inprocess" if args.quick else "subprocess"
+    if args.profile_batch is None:
+        args.profile_batch = 64 if args.quick else 256
+    if args.profile_steps is None:
+        args.profile_steps = 2 if args.quick else 8
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    return args
+
+
+def _fmt_row(e: dict[str, Any]) -> str:
+    if e.get("skipped"):
+        return f"  {e['variant']:16s} skipped: {e['skipped']}"
+    mem = e.get("memory", {})
+    parts = [
+        f"  {e['variant']:16s} {e['seconds'] * 1e3:9.2f} ms",
+        f"x{e['ratio_to_plain']:.3f}",
+        f"peak {mem.get('step_peak_bytes', 0) / 2**20:8.1f} MiB" if mem.get("step_peak_bytes") else "",
+        f"(x{e['peak_ratio_to_plain']:.2f})" if e.get("peak_ratio_to_plain") else "",
+    ]
+    for c in e.get("checks", []):
+        parts.append(f"{c['name']}={c['value']:.3f} {'PASS' if c['passed'] else 'FAIL'}")
+    return " ".join(p for p in parts if p)
+
+
+def child_main(spec_json: str, threads: int) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    spec = json.loads(spec_json)
+    print(json.dumps({**measure_memory(**spec), "source_hash": imported_source_hash()}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    if opts._child is not None:
+        return child_main(opts._child, opts.threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    tree_start = working_tree_hash()
+    git_start = git_info()
+    measured = imported_source_hash()
+    opts.opacus_ok, opts.opacus_info = (
+        opacus_status() if "opacus_all" in opts.variants else (False, "not requested")
+    )
+    print(f"opacus: {opts.opacus_info}", flush=True)
+    results: list[dict[str, Any]] = []
+    kernels: list[dict[str, Any]] = []
+    sanity: list[dict[str, Any]] = []
+    for head in opts.heads:
+        width = HEADS[head]
+        for batch in opts.batches:
+            runnable = [v for v in opts.variants if skip_reason(v, width, batch, opts) is None]
+            t0 = time.perf_counter()
+            times, kernel_times = time_config(width, batch, runnable, opts)
+            kernel_s = statistics.median(kernel_times)
+            kernels.append(
+                {
+                    "head": head,
+                    "B": batch,
+                    "seconds": kernel_s,
+                    "seconds_min": min(kernel_times),
+                    "seconds_all": kernel_times,
+                }
+            )
+            plain_s = statistics.median(times["plain"])
+            memory: dict[str, dict[str, Any]] = {}
+            if opts.memory != "none":
+                for v in runnable:
+                    if opts.memory == "subprocess":
+                        memory[v] = memory_subprocess(v, width, batch, opts)
+                    else:
+                        memory[v] = measure_memory(
+                            v, width, batch, opts.seed, opts.lr, opts.warmup, rss=False
+                        )
+            plain_peak = memory.get("plain", {}).get("step_peak_bytes")
+            print(f"[{head} B={batch}] kernel {kernel_s * 1e3:.2f} ms ({time.perf_counter() - t0:.0f} s)")
+            for v in opts.variants:
+                entry: dict[str, Any] = {
+                    "head": head,
+                    "B": batch,
+                    "variant": v,
+                    "description": VARIANT_TEXT[v],
+                }
+                reason = skip_reason(v, width, batch, opts)
+                if reason is not None:
+                    entry["skipped"] = reason
+                    entry["checks"] = []
+                    results.append(entry)
+                    print(_fmt_row(entry))
+                    continue
+                sec = statistics.median(times[v])
+                entry.update(
+                    {
+                        "seconds": sec,
+                        "seconds_min": min(times[v]),
+                        "seconds_all": times[v],
+                        "repeats": len(times[v]),
+                        "ratio_to_plain": sec / plain_s,
+                        "extra_seconds": sec - plain_s,
+                        "kernel_seconds": kernel_s,
+                        "extra_over_kernel": (sec - plain_s) / kernel_s,
+                    }
+                )
+                if v in memory:
+                    entry["memory"] = memory[v]
+                    entry["peak_bytes"] = memory[v].get("step_peak_bytes")
+                    ratio = _ratio(entry["peak_bytes"], plain_peak)
+                    if ratio is not None:
+                        entry["peak_ratio_to_plain"] = ratio
+                    rss_ratio = _ratio(
+                        memory[v].get("rss_peak_above_baseline_bytes"),
+                        memory["plain"].get("rss_peak_above_baseline_bytes"),
+                    )
+                    if rss_ratio is not None:
+                        entry["rss_peak_ratio_to_plain"] = rss_ratio
+                entry["checks"] = checks_for(head, batch, v, entry)
+                results.append(entry)
+                print(_fmt_row(entry), flush=True)
+            if {"gt_all_backward", "gt_all_weights"} <= set(runnable) and batch == min(opts.batches):
+                item: dict[str, Any] = {"head": head, "B": batch}
+                item["max_abs_grad_diff_bookkeeping_vs_weighted"] = grad_agreement(width, batch, opts)
+                if "gt_all_backward_fastema" in runnable:
+                    item["max_abs_state_diff_fast_ema_vs_package"] = fast_ema_agreement(width, batch, opts)
+                sanity.append(item)
+            gc.collect()
+    profiles = []
+    if set(GT_VARIANTS) <= set(opts.variants):
+        for head in opts.heads:
+            t0 = time.perf_counter()
+            profiles.append(profile_breakdown(HEADS[head], opts.profile_batch, opts))
+            print(f"[profile {head} B={opts.profile_batch}] {time.perf_counter() - t0:.0f} s", flush=True)
+    load_after = os.getloadavg()
+    machine = machine_info(opts)
+    machine["loadavg_before"] = list(load_before)
+    machine["loadavg_after"] = list(load_after)
+    machine["loadavg_1min_before"] = load_before[0]
+    machine["loadavg_1min_after"] = load_after[0]
+    machine["git"] = git_start  # the snapshot's commit: taken at the start
+    machine["git_commit_at_end"] = git_info()["commit"]
+    child_hashes = {r["memory"].get("source_hash") for r in results if r.get("memory")} - {None}
+    tree_end = working_tree_hash()
+    machine["source"] = {
+        "measured_hash": measured,
+        "snapshot": SNAPSHOT is not None,
+        "memory_subprocess_hashes": sorted(child_hashes),
+        "consistent": child_hashes <= {measured},
+        "working_tree_hash_start": tree_start,
+        "working_tree_hash_end": tree_end,
+        "measured_is_working_tree_at_end": measured == tree_end,
+    }
+    if not machine["source"]["consistent"]:
+        print("WARNING: the memory subprocesses imported other sources than the timed run", file=sys.stderr)
+    if tree_end != measured:
+        print(
+            "note: gradtail_ops/gradtail_torch in the working tree differ from the measured snapshot "
+            f"(measured {measured}, working tree now {tree_end})",
+            file=sys.stderr,
+        )
+    checks = [c for r in results for c in r["checks"]]
+    doc = {
+        "benchmark": BENCHMARK,
+        "schema_version": SCHEMA_VERSION,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        "quick": opts.quick,
+        "repeats": opts.repeats,
+        "budget_seconds": opts.budget,
+        "warmup": opts.warmup,
+        "seed": opts.seed,
+        "lr": opts.lr,
+        "dtype": "float32",
+        "wall_seconds": time.perf_counter() - started,
+        "machine": machine,
+        "model": {
+            "layers": f"{D_IN}->{HIDDEN}->{HIDDEN} (ReLU), then ->W->{CLASSES} with W = head input width",
+            "heads": {
+                h: {"head": f"{w}->{CLASSES}", "params": n_params(build_model(w, 0))}
+                for h, w in HEADS.items()
+            },
+        },
+        "variants": {v: VARIANT_TEXT[v] for v in opts.variants},
+        "opacus": {"available": opts.opacus_ok, "info": opts.opacus_info},
+        "method": {
+            "timing": TIMING_METHOD,
+            "memory": MEMORY_METHOD,
+            "memory_mode": opts.memory,
+            "kernel": "linear_dots_and_sq_norms(A, D, G_W, G_b) + linear_mean_grad(A, D, example_weights=c) "
+            "on the head's inputs A (B, d_in) and output gradients D (B, d_out), under torch.no_grad()",
+            "profile": "perf_counter spans around GradTail's internals (benchmark-side wrappers, no package "
+            "change), averaged over `steps` steps; self_ms = a span minus its listed children (Python, "
+            "validation, array_api_compat dispatch, small ops). profiler_top_ops: torch.profiler self CPU "
+            "time of the ops inside gt.weights / gt.backward.",
+        },
+        "targets": TARGETS,
+        "summary": {
+            "checks": len(checks),
+            "passed": sum(c["passed"] is True for c in checks),
+            "failed": sum(c["passed"] is False for c in checks),
+            "unknown": sum(c["passed"] is None for c in checks),
+        },
+        "results": results,
+        "kernel": kernels,
+        "sanity": sanity,
+        "profile": profiles,
+    }
+    out = opts.out if opts.out.is_absolute() else Path.cwd() / opts.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    s = doc["summary"]
+    print(
+        f"{s['passed']}/{s['checks']} targets pass ({s['failed']} fail, {s['unknown']} unknown); "
+        f"load {load_before[0]:.2f} -> {load_after[0]:.2f}; {doc['wall_seconds']:.0f} s; wrote {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
