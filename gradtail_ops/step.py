@@ -24,6 +24,8 @@ __all__ = [
 
 Array = Any
 Reference = Literal["mean", "direction"]
+#: ``score(dots, sq_norms, ref_sq_norm) -> (B,)``: low means tail-like, as for the cosine.
+Score = Callable[[Array, Array, Array], Array]
 REFERENCES: tuple[str, ...] = ("mean", "direction")
 
 
@@ -35,7 +37,7 @@ class GradTailOutput(NamedTuple):
     weights : array, shape (B,)
         Loss weights to treat as constants: ``loss = mean_i(weights_i * L_i)``.
     alignment : array, shape (B,)
-        ``cos(g_i, G)`` against the reference of previous batches.
+        ``cos(g_i, G)`` against the reference of previous batches (or the custom ``score``).
     sq_norms : array, shape (B,)
         ``||g_i||^2`` over the scored parameters (for magnitude-aware scores and logging).
     state : EMAState
@@ -94,9 +96,10 @@ def _finish(
     warmup_steps: int,
     eps: float,
     reduce_mean: Callable[[Any], Any] | None,
+    score: Score | None,
 ) -> GradTailOutput:
     curve = DEFAULT_CURVE if curve is None else curve
-    align = cosine_from_dots(dots, sq, ref_sq, eps=eps, xp=xp)
+    align = cosine_from_dots(dots, sq, ref_sq, eps=eps, xp=xp) if score is None else score(dots, sq, ref_sq)
     # Ones until a reference exists and through warm-up; the EMA is updated regardless.
     active = state.count >= max(1, warmup_steps)
     weights = xp.where(active, curve(align), xp.ones_like(align))
@@ -116,6 +119,7 @@ def score_and_update(
     warmup_steps: int = 0,
     eps: float = 0.0,
     reduce_mean: Callable[[Any], Any] | None = None,
+    score: Score | None = None,
 ) -> GradTailOutput:
     """A whole GradTail step from materialised per-example gradients.
 
@@ -148,6 +152,10 @@ def score_and_update(
     reduce_mean : callable, optional
         Applied to this batch's reference gradient before the EMA update, e.g. a
         cross-device mean (``jax.lax.pmean``) so all replicas keep one state.
+    score : callable, optional
+        ``score(dots, sq_norms, ref_sq_norm) -> (B,)`` replacing the cosine (e.g. a
+        magnitude-aware score); lower means more tail-like, as the curves expect. It gets
+        ``<g_i, G>``, ``||g_i||^2`` and ``||G||^2``. Defaults to the cosine.
 
     Returns
     -------
@@ -186,6 +194,7 @@ def score_and_update(
         warmup_steps=warmup_steps,
         eps=eps,
         reduce_mean=reduce_mean,
+        score=score,
     )
 
 
@@ -201,6 +210,7 @@ def linear_score_and_update(
     eps: float = 0.0,
     reduce_mean: Callable[[Any], Any] | None = None,
     method: Method = "auto",
+    score: Score | None = None,
 ) -> GradTailOutput:
     """A whole GradTail step for linear layers, in factored form, scored jointly.
 
@@ -215,7 +225,7 @@ def linear_score_and_update(
     layers : sequence of (inputs, output_grads)
         Per layer, inputs (B, d_in) or (B, T, d_in) and each example's loss gradient with
         respect to the layer output, (B, d_out) or (B, T, d_out).
-    decay, reference, curve, warmup_steps, eps, reduce_mean
+    decay, reference, curve, warmup_steps, eps, reduce_mean, score
         As in `score_and_update`.
     method : {"auto", "ghost", "materialize"}, optional
         How sequence norms are computed (see `linear_sq_norms`). Defaults to "auto".
@@ -259,6 +269,7 @@ def linear_score_and_update(
         warmup_steps=warmup_steps,
         eps=eps,
         reduce_mean=reduce_mean,
+        score=score,
     )
 
 

@@ -144,3 +144,33 @@ def test_core_imports_no_framework():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_custom_score_replaces_cosine(xp):
+    # A magnitude-aware score: -(1 - cos) * ||g||, low for large disagreeing gradients.
+    def magnitude(dots, sq, ref_sq):
+        cos = gt.cosine_from_dots(dots, sq, ref_sq)
+        return -(1.0 - cos) * sq**0.5
+
+    batches = _batches(6, n=2)
+    state = gt.ema_init([(xp.asarray(np.zeros((3, 5))), xp.asarray(np.zeros(3)))])
+    for a, d in batches:
+        out = gt.linear_score_and_update(
+            state, [(xp.asarray(a), xp.asarray(d))], reference="mean", score=magnitude
+        )
+        previous, state = state, out.state
+    per = ref.per_example_linear_grads(*batches[1], True)
+    flat = ref.flatten_examples(per)
+    mean = ref.flatten_examples(ref.per_example_linear_grads(*batches[0], True)).mean(axis=0)
+    expected = -(1 - ref.cosine_rows(flat, mean)) * np.linalg.norm(flat, axis=1)
+    np.testing.assert_allclose(to_numpy(out.alignment), expected, rtol=1e-9)
+    assert int(to_numpy(previous.count)) == 1
+
+
+def test_vmap_over_independent_problems():
+    jax = pytest.importorskip("jax")
+    rng = np.random.default_rng(7)
+    g, m = rng.normal(size=(4, 6, 5)), rng.normal(size=(4, 5))  # 4 problems of B=6
+    out = jax.vmap(gt.alignment)(jax.numpy.asarray(g), jax.numpy.asarray(m))
+    expected = np.stack([ref.alignment([g[k]], [m[k]]) for k in range(4)])
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-10)

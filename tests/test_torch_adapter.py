@@ -299,3 +299,38 @@ def test_torch_compile_model_works():
         loss_e = F.cross_entropy(eager(x), y, reduction="none")
         torch.testing.assert_close(gt.weights(loss), gt_eager.weights(loss_e))
         torch.testing.assert_close(gt.last_alignment, gt_eager.last_alignment, rtol=1e-4, atol=1e-5)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_state_lives_on_the_layer_device_and_matches_cpu():
+    cpu_model = _mlp(seed=16).float()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    gt_cpu, gt_gpu = GradTail(cpu_model, decay=0.8), GradTail(gpu_model, decay=0.8)
+    for _ in range(3):
+        x, y = torch.randn(32, 6), torch.randint(0, 4, (32,))
+        w_cpu = gt_cpu.weights(F.cross_entropy(cpu_model(x), y, reduction="none"))
+        w_gpu = gt_gpu.weights(F.cross_entropy(gpu_model(x.cuda()), y.cuda(), reduction="none"))
+        assert w_gpu.device.type == "cuda"
+        torch.testing.assert_close(gt_gpu.last_alignment.cpu(), gt_cpu.last_alignment, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w_gpu.cpu(), w_cpu)
+    assert all(t.device.type == "cuda" for layer in gt_gpu.state.mean for t in layer)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_autocast_float16_keeps_float32_state():
+    model = _mlp(seed=17).float().cuda()
+    gt = GradTail(model)
+    x, y = torch.randn(32, 6, device="cuda"), torch.randint(0, 4, (32,), device="cuda")
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.float16):
+            logits = model(x)
+            assert logits.dtype == torch.float16
+        loss = F.cross_entropy(logits.float(), y, reduction="none")
+        (gt.weights(loss) * loss).mean().backward()
+    assert gt.last_alignment.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for layer in gt.state.mean for t in layer)
