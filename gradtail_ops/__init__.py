@@ -24,6 +24,7 @@ from .step import (
     inverse_norms,
     linear_score_and_update,
     score_and_update,
+    validate_step_options,
     weighted_batch_mean,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "multi_linear_dots_and_sq_norms",
     "linear_score_and_update",
     "score_and_update",
+    "validate_step_options",
     "weight_curve",
     "weighted_batch_mean",
 ]

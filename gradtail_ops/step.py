@@ -19,6 +19,7 @@ __all__ = [
     "inverse_norms",
     "linear_score_and_update",
     "score_and_update",
+    "validate_step_options",
     "weighted_batch_mean",
 ]
 
@@ -74,10 +75,27 @@ def inverse_norms(sq_norms: Array, /) -> Array:
     )
 
 
-def _check_options(reference: str, warmup_steps: int) -> None:
+def validate_step_options(*, decay: float | Array, reference: str, warmup_steps: int) -> None:
+    """Raise ValueError for step options out of range (adapters call it at construction).
+
+    Parameters
+    ----------
+    decay : float or array
+        Checked to lie in [0, 1] when it is a Python number (arrays may be traced).
+    reference : str
+        One of `REFERENCES`.
+    warmup_steps : int
+        A non-negative int.
+
+    Examples
+    --------
+    >>> validate_step_options(decay=0.9, reference="direction", warmup_steps=0)
+    """
+    if isinstance(decay, (int, float)) and not 0.0 <= float(decay) <= 1.0:
+        raise ValueError(f"`decay` must lie in [0, 1]; Received: decay={decay}.")
     if reference not in REFERENCES:
         raise ValueError(f"`reference` must be one of {REFERENCES}; Received: reference={reference!r}.")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
         raise ValueError(
             f"`warmup_steps` must be a non-negative int; Received: warmup_steps={warmup_steps!r}."
         )
@@ -86,11 +104,7 @@ def _check_options(reference: str, warmup_steps: int) -> None:
 def _finish(
     xp: Any,
     state: EMAState,
-    dots: Array,
-    sq: Array,
-    ref_sq: Array,
-    batch_reference: Any,
-    *,
+    scored: tuple[Array, Array, Array, Any],
     decay: float | Array,
     curve: WeightCurve | None,
     warmup_steps: int,
@@ -98,6 +112,8 @@ def _finish(
     reduce_mean: Callable[[Any], Any] | None,
     score: Score | None,
 ) -> GradTailOutput:
+    """Weights from the score, then the EMA update: the part both step functions share."""
+    dots, sq, ref_sq, batch_reference = scored
     curve = DEFAULT_CURVE if curve is None else curve
     align = cosine_from_dots(dots, sq, ref_sq, eps=eps, xp=xp) if score is None else score(dots, sq, ref_sq)
     # Ones until a reference exists and through warm-up; the EMA is updated regardless.
@@ -177,25 +193,13 @@ def score_and_update(
     >>> out.weights.round(3)
     array([1., 2.])
     """
-    _check_options(reference, warmup_steps)
+    validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
     dots, sq, ref_sq = dense_dots_and_sq_norms(per_sample_grads, ema_mean(state))
     xp = namespace(dots)
     coef = inverse_norms(sq) if reference == "direction" else None
     batch_reference = weighted_batch_mean(per_sample_grads, coef)
-    return _finish(
-        xp,
-        state,
-        dots,
-        sq,
-        ref_sq,
-        batch_reference,
-        decay=decay,
-        curve=curve,
-        warmup_steps=warmup_steps,
-        eps=eps,
-        reduce_mean=reduce_mean,
-        score=score,
-    )
+    scored = (dots, sq, ref_sq, batch_reference)
+    return _finish(xp, state, scored, decay, curve, warmup_steps, eps, reduce_mean, score)
 
 
 def linear_score_and_update(
@@ -246,7 +250,7 @@ def linear_score_and_update(
     >>> out.weights, int(out.state.count)
     (array([1., 1.]), 1)
     """
-    _check_options(reference, warmup_steps)
+    validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
     means = ema_mean(state)
     dots, sq, ref_sq = multi_linear_dots_and_sq_norms(layers, means, method=method)
     xp = namespace(dots)
@@ -257,20 +261,8 @@ def linear_score_and_update(
             for (a, d), mean in zip(layers, means, strict=True)
         )
     )
-    return _finish(
-        xp,
-        state,
-        dots,
-        sq,
-        ref_sq,
-        batch_reference,
-        decay=decay,
-        curve=curve,
-        warmup_steps=warmup_steps,
-        eps=eps,
-        reduce_mean=reduce_mean,
-        score=score,
-    )
+    scored = (dots, sq, ref_sq, batch_reference)
+    return _finish(xp, state, scored, decay, curve, warmup_steps, eps, reduce_mean, score)
 
 
 def weighted_batch_mean(per_sample_grads: Any, example_weights: Array | None = None, /) -> Any:

@@ -15,11 +15,11 @@ from gradtail_ops import (
     DEFAULT_DECAY,
     DEFAULT_REFERENCE,
     DEFAULT_WARMUP_STEPS,
-    REFERENCES,
     EMAState,
     ema_init,
     linear_mean_grad,
     linear_score_and_update,
+    validate_step_options,
 )
 from gradtail_ops.curves import Curve
 
@@ -134,14 +134,7 @@ class GradTail:
         method: Literal["auto", "ghost", "materialize"] = "auto",
         sync_distributed: bool = True,
     ) -> None:
-        if not 0.0 <= float(decay) <= 1.0:
-            raise ValueError(f"`decay` must lie in [0, 1]; Received: decay={decay}.")
-        if reference not in REFERENCES:
-            raise ValueError(f"`reference` must be one of {REFERENCES}; Received: reference={reference!r}.")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(
-                f"`warmup_steps` must be a non-negative int; Received: warmup_steps={warmup_steps!r}."
-            )
+        validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
         self.layers, self._root = _collect_linears(modules)
         self.decay = float(decay)
         self.reference = reference
