@@ -334,3 +334,12 @@ def test_cuda_autocast_float16_keeps_float32_state():
         (gt.weights(loss) * loss).mean().backward()
     assert gt.last_alignment.dtype == torch.float32
     assert all(t.dtype == torch.float32 for layer in gt.state.mean for t in layer)
+
+
+def test_a_tracked_layer_that_did_not_run_is_named():
+    torch.manual_seed(18)
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    gt = GradTail([a, b])
+    loss = a(torch.randn(4, 3)).pow(2).sum(1)
+    with pytest.raises(RuntimeError, match=r"Tracked layers \[1\] did not run"):
+        gt.weights(loss)

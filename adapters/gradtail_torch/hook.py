@@ -227,6 +227,12 @@ class GradTail:
                 "call (or after a forward under torch.no_grad() / model.eval()): it needs exactly one "
                 "training forward per call."
             )
+        if missing:
+            raise RuntimeError(
+                f"Tracked layers {missing} did not run in the forward behind this loss; GradTail scores "
+                "all tracked layers jointly, so each must run once per step (track only the layers "
+                "every forward uses)."
+            )
         repeated = [k for k, r in enumerate(self._records) if r.calls > 1]
         if repeated:
             raise RuntimeError(
@@ -243,8 +249,7 @@ class GradTail:
                 )
 
     def _output_grads(self, per_example_loss: torch.Tensor, *, retain_graph: bool) -> list[torch.Tensor]:
-        outputs = [r.output for r in self._records]
-        present = [o for o in outputs if o is not None]
+        present = [r.output for r in self._records if r.output is not None]
         # One backward from the summed loss: exact per example, since each loss depends only
         # on its own outputs (unless something mixes examples: see the batch-norm check).
         grads = torch.autograd.grad(
@@ -258,14 +263,7 @@ class GradTail:
                 "create GradTail first (it keeps the tracked layers eager), or compile only the layers "
                 "before the tracked ones."
             )
-        it = iter(grads)
-        result = []
-        for out in outputs:
-            if out is None:
-                raise RuntimeError("A tracked layer did not run in this forward; all must.")
-            g = next(it)
-            result.append(torch.zeros_like(out) if g is None else g)
-        return result
+        return [torch.zeros_like(out) if g is None else g for out, g in zip(present, grads, strict=True)]
 
     def _check_mixing(self, per_example_loss: torch.Tensor) -> None:
         tracked = {r.output.grad_fn for r in self._records if r.output is not None}
@@ -285,9 +283,11 @@ class GradTail:
         if not self._batchnorm_checked:
             self._check_mixing(per_example_loss)
             self._batchnorm_checked = True
-        output_grads = self._output_grads(per_example_loss, retain_graph=retain_graph)
         inputs = [r.inputs for r in self._records]
-        self.discard()
+        try:
+            output_grads = self._output_grads(per_example_loss, retain_graph=retain_graph)
+        finally:
+            self.discard()  # this forward is consumed, even when its gradients could not be taken
         reduce = distributed_mean if self.sync_distributed and _distributed_active() else None
         layers = list(zip(inputs, output_grads, strict=True))
         with torch.no_grad():
