@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned (2.13.0, a CPU build on local disk) through the `torch` extra.
-EXTRAS := torch,jax,test,lint,bench
+EXTRAS := torch,jax,optax,test,lint,bench
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_WORKERS ?= 2
 
@@ -34,7 +34,12 @@ test: lint typecheck unit
 
 # The main job: GradTail against uniform and inverse-frequency weighting on Fashion-MNIST-LT
 # (installs Debian's dataset-fashion-mnist when run as root with apt-get; digits-LT otherwise).
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 demo: venv
+	@if [ ! -e $(FASHION) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's dataset-fashion-mnist ..."; \
+	  apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null || true; \
+	fi
 	$(BIN)/python -m benchmarks.longtail.demo
 
 bench: venv

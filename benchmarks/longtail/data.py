@@ -4,8 +4,6 @@ digits-LT (scikit-learn's bundled digits). Nothing is downloaded at run time."""
 from __future__ import annotations
 
 import gzip
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,19 +33,8 @@ class LongTailData:
     image_shape: tuple[int, int] | None
 
 
-def ensure_fashion_mnist() -> bool:
-    """Install Debian's dataset-fashion-mnist where we can (root, apt-get); True if present."""
-    if (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
-        return True
-    if (
-        shutil.which("apt-get") is None
-        or not hasattr(__import__("os"), "geteuid")
-        or __import__("os").geteuid() != 0
-    ):
-        return False
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": False}
-    subprocess.run(["apt-get", "update", "-qq"], **quiet)  # type: ignore[call-overload]
-    subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], **quiet)  # type: ignore[call-overload]
+def fashion_mnist_available() -> bool:
+    """True when Debian's dataset-fashion-mnist is installed (`make demo` installs it as root)."""
     return (FASHION_DIR / "train-images-idx3-ubyte.gz").exists()
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import LongTailData, digits_lt, ensure_fashion_mnist, fashion_mnist_lt
+from .data import LongTailData, digits_lt, fashion_mnist_available, fashion_mnist_lt
 from .train import METHODS, RunResult, train
 
 LABELS = {
@@ -22,7 +22,7 @@ LABELS = {
 
 
 def load(dataset: str) -> tuple[LongTailData, int]:
-    if dataset == "fashion" or (dataset == "auto" and ensure_fashion_mnist()):
+    if dataset == "fashion" or (dataset == "auto" and fashion_mnist_available()):
         return fashion_mnist_lt(imbalance=100.0), 12
     if dataset == "auto":
         print("Fashion-MNIST (Debian package dataset-fashion-mnist) is not available here: using digits-LT.")

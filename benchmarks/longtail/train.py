@@ -1,4 +1,8 @@
-"""Training loops for the long-tail comparisons: uniform, inverse frequency, GradTail."""
+"""Training loops for the long-tail comparisons: one MLP, one loop, a weighting per method.
+
+The weighting methods live in ``methods.py`` (``methods.METHODS``); ``METHODS`` here is the
+three the demo compares.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtail_torch import GradTail
-
 from .data import LongTailData
+from .methods import METHODS as ALL_METHODS
+from .methods import Batch, Context
+from .metrics import class_accuracies, group_means
 
 METHODS = ("uniform", "inverse_frequency", "gradtail")
 
 
 @dataclass
 class RunResult:
-    """One training run: test metrics, per-class accuracy and a trace of GradTail's scores."""
+    """One training run: test metrics, per-class accuracy and a trace of GradTail's scores.
+
+    ``scores`` (with ``record_scores=True``) holds, for every training example of every
+    step, ``step``, ``label``, ``loss`` (before that step's update) and the method's own
+    per-example scores (``alignment`` for GradTail).
+    """
 
     method: str
     seed: int
@@ -30,6 +40,13 @@ class RunResult:
     group_accuracy: dict[str, float]
     seconds_per_epoch: float
     trace: dict[str, list[Any]] = field(default_factory=dict)
+    val_balanced_accuracy: float | None = None
+    val_curve: list[float] = field(default_factory=list)
+    test_curve: list[float] = field(default_factory=list)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    steps_per_epoch: int = 0
+    epochs: int = 0
+    wall_seconds: float = 0.0
 
 
 def mlp(d_in: int, n_classes: int, hidden: tuple[int, ...]) -> nn.Sequential:
@@ -41,18 +58,21 @@ def mlp(d_in: int, n_classes: int, hidden: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def evaluate(model: nn.Module, data: LongTailData) -> tuple[np.ndarray, float, float, dict[str, float]]:
+def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    was_training = model.training
     model.eval()
     with torch.no_grad():
-        pred = model(torch.from_numpy(data.x_test)).argmax(1).numpy()
-    model.train()
-    n_classes = len(data.class_names)
-    per_class = np.array([np.mean(pred[data.y_test == c] == c) for c in range(n_classes)])
-    groups = {
-        g: float(np.mean([per_class[c] for c in range(n_classes) if data.groups[c] == g]))
-        for g in ("many", "medium", "few")
-    }
-    return per_class, float(np.mean(pred == data.y_test)), float(per_class.mean()), groups
+        pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    model.train(was_training)
+    return pred
+
+
+def evaluate(model: nn.Module, data: LongTailData) -> tuple[np.ndarray, float, float, dict[str, float]]:
+    """Per-class accuracy, accuracy, balanced accuracy and group accuracies on the test set."""
+    pred = predict(model, data.x_test)
+    per_class = class_accuracies(pred, data.y_test, len(data.class_names))
+    accuracy = float(np.mean(pred == data.y_test))
+    return per_class, accuracy, float(per_class.mean()), group_means(per_class, data.groups)
 
 
 def train(
@@ -67,10 +87,24 @@ def train(
     gradtail_options: dict[str, Any] | None = None,
     warmup_epochs: float = 1.0,
     progress: Any = None,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    record_scores: bool = False,
+    method_options: dict[str, Any] | None = None,
+    test_every_epoch: bool = False,
 ) -> RunResult:
-    """Train an MLP with Adam on ``data`` with one weighting ``method``."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; Received: {method!r}")
+    """Train an MLP with Adam on ``data`` with one weighting ``method`` (``methods.METHODS``).
+
+    ``gradtail_options`` go to ``GradTail`` for the GradTail methods, ``method_options`` to
+    any method's factory. ``validation=(x, y)`` adds the validation balanced accuracy after
+    every epoch, ``test_every_epoch=True`` the test balanced accuracy after every epoch
+    (``test_curve``, for averages over a fixed set of late epochs). ``seconds_per_epoch``
+    times the training steps only (batch slicing, forward, weighting, backward, optimiser
+    step), not the recording or the evaluations.
+    """
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {tuple(ALL_METHODS)}; Received: {method!r}")
+    spec = ALL_METHODS[method]
+    wall_start = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_classes = len(data.class_names)
@@ -79,38 +113,70 @@ def train(
     x_all, y_all = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     n = len(y_all)
     steps_per_epoch = int(np.ceil(n / batch_size))
-    class_weight = torch.as_tensor(n / (n_classes * np.maximum(data.counts, 1)), dtype=torch.float32)
-    gt = None
-    if method == "gradtail":
-        options = {"warmup_steps": round(warmup_epochs * steps_per_epoch)} | dict(gradtail_options or {})
-        gt = GradTail(model, **options)
+    ctx = Context(model, np.asarray(data.counts), steps_per_epoch, round(warmup_epochs * steps_per_epoch))
+    options = dict(method_options or {})
+    if spec.gradtail:
+        options |= dict(gradtail_options or {})
+    weighting = spec.make(ctx, **options)
     group_of = np.array([data.groups[c] for c in range(n_classes)])
     trace: dict[str, list[Any]] = {"epoch": [], "alignment": [], "weight": [], "group": []}
-    start = time.perf_counter()
+    recorded: dict[str, list[np.ndarray]] = {}
+    val_curve: list[float] = []
+    test_curve: list[float] = []
+    train_seconds = 0.0
+    global_step = 0
     for epoch in range(epochs):
         order = torch.from_numpy(rng.permutation(n))
         for step in range(steps_per_epoch):
+            t0 = time.perf_counter()
             idx = order[step * batch_size : (step + 1) * batch_size]
             x, y = x_all[idx], y_all[idx]
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y, reduction="none")
-            if method == "uniform":
-                loss.mean().backward()
-            elif method == "inverse_frequency":
-                (class_weight[y] * loss).mean().backward()
-            else:
-                assert gt is not None
-                w = gt.backward(loss)
-                if step % 10 == 0 and epoch >= warmup_epochs:
-                    trace["epoch"] += [epoch] * len(y)
-                    trace["alignment"] += gt.last_alignment.tolist()
-                    trace["weight"] += w.tolist()
-                    trace["group"] += group_of[y.numpy()].tolist()
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, reduction="none")
+            w = weighting.backward(Batch(loss, logits, y, global_step))
             opt.step()
+            train_seconds += time.perf_counter() - t0
+            scores = weighting.scores()
+            if record_scores:
+                for key, value in (
+                    ("step", np.full(len(y), global_step, dtype=np.int32)),
+                    ("label", y.numpy().astype(np.int16)),
+                    ("loss", loss.detach().numpy().astype(np.float32)),
+                    ("weight", w.detach().numpy().astype(np.float32)),
+                    *((k, v.detach().cpu().numpy().astype(np.float32)) for k, v in scores.items()),
+                ):
+                    recorded.setdefault(key, []).append(value)
+            if "alignment" in scores and step % 10 == 0 and epoch >= warmup_epochs:
+                trace["epoch"] += [epoch] * len(y)
+                trace["alignment"] += scores["alignment"].tolist()
+                trace["weight"] += w.tolist()
+                trace["group"] += group_of[y.numpy()].tolist()
+            global_step += 1
             if progress is not None:
                 progress.update(1)
-    seconds = (time.perf_counter() - start) / epochs
-    if gt is not None:
-        gt.remove()
+        if validation is not None:
+            pred = predict(model, validation[0])
+            val_curve.append(float(np.nanmean(class_accuracies(pred, validation[1], n_classes))))
+        if test_every_epoch:
+            pred = predict(model, data.x_test)
+            test_curve.append(float(np.nanmean(class_accuracies(pred, data.y_test, n_classes))))
+    weighting.close()
     per_class, acc, bal, groups = evaluate(model, data)
-    return RunResult(method, seed, per_class, acc, bal, groups, seconds, trace if gt is not None else {})
+    return RunResult(
+        method,
+        seed,
+        per_class,
+        acc,
+        bal,
+        groups,
+        train_seconds / epochs,
+        trace if trace["alignment"] else {},
+        val_balanced_accuracy=val_curve[-1] if val_curve else None,
+        val_curve=val_curve,
+        test_curve=test_curve,
+        scores={k: np.concatenate(v) for k, v in recorded.items()},
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        wall_seconds=time.perf_counter() - wall_start,
+    )

@@ -1,0 +1,227 @@
+"""The weighting methods compared by the long-tail suite, one registry entry each.
+
+A method is a factory ``make(ctx, **options) -> Weighting``; a ``Weighting`` turns one
+training batch into per-example loss weights ``w`` and the loop minimises
+``mean_i(w_i * L_i)`` (``L_i`` the per-example cross-entropy). Weights are treated as
+constants except where the method's loss needs their gradient (focal loss). A method may
+do its own backward (GradTail's book-keeping path) and may expose per-example diagnostic
+scores of the last batch (GradTail's alignment), which the suite uses for tail detection.
+
+To add a method, write its weight function and add one ``Method(...)`` to ``_ALL``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradtail_torch import GradTail
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method may know about a run (class counts only for the label-aware ones)."""
+
+    model: nn.Module
+    counts: np.ndarray
+    steps_per_epoch: int
+    warmup_steps: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch: per-example losses (with graph), logits, labels, global step."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    y: torch.Tensor
+    step: int
+
+
+class Weighting:
+    """Per-example loss weights for one batch; ``backward`` runs the weighted backward."""
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        w = self.weights(batch)
+        (w * batch.loss).mean().backward()
+        return w.detach()
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Diagnostic per-example scores of the last batch (low alignment = tail-like)."""
+        return {}
+
+    def close(self) -> None:
+        """Release hooks and the like."""
+
+
+class FunctionWeighting(Weighting):
+    """A stateless weight function ``fn(batch) -> (B,)``."""
+
+    def __init__(self, fn: Callable[[Batch], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        return self.fn(batch)
+
+
+# ----------------------------------------------------------------------- weight functions
+
+
+def class_weights_inverse_frequency(counts: np.ndarray) -> np.ndarray:
+    """``n / (C * n_c)``: mean 1 over the training set."""
+    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+    return counts.sum() / (len(counts) * counts)
+
+
+def class_weights_effective_number(counts: np.ndarray, beta: float = 0.999) -> np.ndarray:
+    """Class-balanced weights ``(1 - beta) / (1 - beta^n_c)`` (Cui et al., 2019), mean 1 over
+    the training set (``sum_c n_c w_c = n``)."""
+    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+    w = (1.0 - beta) / (1.0 - beta**counts)
+    return w * counts.sum() / float((counts * w).sum())
+
+
+def class_weighting(weights: np.ndarray) -> FunctionWeighting:
+    table = torch.as_tensor(weights, dtype=torch.float32)
+    return FunctionWeighting(lambda b: table[b.y])
+
+
+def focal_weights(batch: Batch, gamma: float = 2.0) -> torch.Tensor:
+    """``(1 - p_y)^gamma`` with its gradient, so ``w * CE`` is the focal loss (Lin et al., 2017)."""
+    p = torch.exp(-batch.loss)  # the true class's probability, differentiable
+    return (1.0 - p).clamp_min(0.0) ** gamma
+
+
+def top_rank_weights(score: torch.Tensor, *, quantile: float, max_weight: float) -> torch.Tensor:
+    """``max_weight`` for the examples with fewer than ``quantile * B`` scores strictly above
+    theirs (ties share a weight), 1 otherwise, divided by the batch mean."""
+    s = score.detach()
+    above = (s[None, :] > s[:, None]).sum(dim=1)
+    w = torch.where(above < quantile * len(s), max_weight, 1.0).to(s.dtype)
+    return w / w.mean()
+
+
+class LossRank(Weighting):
+    """Label-free baseline: the top ``quantile`` of each batch by loss weighted ``max_weight``."""
+
+    def __init__(self, ctx: Context, *, quantile: float = 0.3, max_weight: float = 3.0) -> None:
+        self.warmup_steps = ctx.warmup_steps
+        self.quantile, self.max_weight = quantile, max_weight
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        if batch.step < self.warmup_steps:
+            return torch.ones_like(batch.loss).detach()
+        return top_rank_weights(batch.loss, quantile=self.quantile, max_weight=self.max_weight)
+
+
+class GradTailWeighting(Weighting):
+    """``gradtail_torch.GradTail`` with a warm-up of ``ctx.warmup_steps``; ``head_only``
+    tracks the last ``nn.Linear`` alone, otherwise every one (jointly)."""
+
+    def __init__(self, ctx: Context, *, head_only: bool = False, **options: Any) -> None:
+        linears = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)]
+        target: nn.Module = linears[-1] if head_only else ctx.model
+        self.gt = GradTail(target, **({"warmup_steps": ctx.warmup_steps} | options))
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        return self.gt.backward(batch.loss)
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        return self.gt.weights(batch.loss)
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        a = self.gt.last_alignment
+        return {} if a is None else {"alignment": a}
+
+    def close(self) -> None:
+        self.gt.remove()
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the comparison."""
+
+    name: str
+    label: str
+    description: str
+    make: Callable[..., Weighting]
+    uses_class_counts: bool = False
+    gradtail: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+_ALL = (
+    Method(
+        "uniform",
+        "uniform",
+        "plain mean cross-entropy",
+        lambda ctx: FunctionWeighting(lambda b: torch.ones_like(b.loss).detach()),
+    ),
+    Method(
+        "inverse_frequency",
+        "inverse class frequency",
+        "class weight n / (C n_c), mean 1 over the training set",
+        lambda ctx: class_weighting(class_weights_inverse_frequency(ctx.counts)),
+        uses_class_counts=True,
+    ),
+    Method(
+        "class_balanced",
+        "class-balanced (Cui et al.)",
+        "effective-number class weights (1 - beta) / (1 - beta^n_c), beta = 0.999, mean 1 over the "
+        "training set (Cui et al., 2019)",
+        lambda ctx, beta=0.999: class_weighting(class_weights_effective_number(ctx.counts, beta)),
+        uses_class_counts=True,
+        options={"beta": 0.999},
+    ),
+    Method(
+        "focal",
+        "focal loss",
+        "focal loss (1 - p_y)^gamma CE, gamma = 2 (Lin et al., 2017); the factor is differentiated",
+        lambda ctx, gamma=2.0: FunctionWeighting(lambda b: focal_weights(b, gamma)),
+        options={"gamma": 2.0},
+    ),
+    Method(
+        "loss_rank",
+        "loss rank (label-free)",
+        "per batch, the top 30% by loss weighted 3, normalised to batch mean 1; one-epoch warm-up "
+        "(GradTail's default curve on the loss instead of the alignment)",
+        LossRank,
+        options={"quantile": 0.3, "max_weight": 3.0},
+    ),
+    Method(
+        "gradtail",
+        "GradTail (defaults)",
+        "GradTail(model): every nn.Linear scored jointly, library defaults, one-epoch warm-up",
+        GradTailWeighting,
+        gradtail=True,
+    ),
+    Method(
+        "gradtail_mean",
+        'GradTail, reference="mean"',
+        'as gradtail but reference="mean" (EMA of the plain batch-mean gradient)',
+        lambda ctx, **o: GradTailWeighting(ctx, **({"reference": "mean"} | o)),
+        gradtail=True,
+        options={"reference": "mean"},
+    ),
+    Method(
+        "gradtail_head",
+        "GradTail, head only",
+        "as gradtail but only the last nn.Linear tracked",
+        lambda ctx, **o: GradTailWeighting(ctx, head_only=True, **o),
+        gradtail=True,
+        options={"head_only": True},
+    ),
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in _ALL}
