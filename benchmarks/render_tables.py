@@ -52,6 +52,8 @@ memory ratios) carry over between machines far better than absolute times.
 TITLES = {
     "core_ops": "Core ops: factored vs. materialised",
     "torch_overhead": "PyTorch training step: GradTail overhead",
+    "jax_overhead": "JAX/optax training step: GradTail overhead",
+    "longtail": "Long-tailed data",
 }
 
 Renderer = Callable[[dict[str, Any]], str]
@@ -562,7 +564,320 @@ def _other_gradtail_ms(entry: dict[str, Any]) -> str:
     return f"{total:.2f}"
 
 
-RENDERERS: dict[str, Renderer] = {"core_ops": render_core_ops, "torch_overhead": render_torch_overhead}
+# --------------------------------------------------------------------------- jax_overhead
+
+_JO_VARIANTS = (("plain", "plain"), ("efficient", "efficient path"), ("transform", "transformation"))
+
+
+def _jo_cell(entry: dict[str, Any] | None) -> str:
+    if not entry or "seconds" not in entry:
+        return "n/a"
+    return f"{fmt_seconds(entry['seconds'])} ({fmt_ratio(entry['ratio_to_plain'])})"
+
+
+def render_jax_overhead(doc: dict[str, Any]) -> str:
+    results = doc["results"]
+    index = {(r["B"], r["variant"]): r for r in results}
+    batches = list(dict.fromkeys(r["B"] for r in results))
+    present = {r["variant"] for r in results}
+    variants = [(k, t) for k, t in _JO_VARIANTS if k in present]
+    checks = [(r, c) for r in results for c in r.get("checks", [])]
+    passed = sum(c["passed"] is True for _, c in checks)
+    noisy = sum(bool(c.get("noise_bound")) for _, c in checks)
+    versions = doc.get("machine", {}).get("versions", {})
+    model = doc.get("model", {})
+
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (B=64 only, few repeats): the targets are meant for the full run.", ""]
+    out += [
+        f"Model: {model.get('layers', '?')}, {model.get('params', 0):,} parameters, "
+        f"{model.get('optimizer', '?')}; GradTail: {model.get('gradtail', '?')}. jaxlib "
+        f"{versions.get('jaxlib', '?')}, optax {versions.get('optax', '?')}. One step = one call of the "
+        "jitted step function (forward, gradient, update).",
+        "",
+        f"**{passed} of {len(checks)} targets pass** (verdict on the ratio of medians)"
+        + (
+            f"; {noisy} verdict(s) are noise-bound: the ratio of the fastest calls or the median of "
+            "per-round ratios lands on the other side of the target."
+            if noisy
+            else "."
+        ),
+        "",
+        table(
+            ["target", "where", "measured", "paired", "min-based"],
+            (
+                [
+                    c["target"]["text"],
+                    f"B={r['B']}, {r['variant']}",
+                    fmt_check(c),
+                    fmt_ratio(c.get("paired")),
+                    fmt_ratio(c.get("min_based")),
+                ]
+                for r, c in checks
+            ),
+        ),
+        "",
+        "### Step time (median; ratio to the plain jitted step)",
+        "",
+        table(
+            ["B", *(t for _, t in variants), "compiled once", "XLA temp memory", "per-example gradients"],
+            (
+                [
+                    b,
+                    *(_jo_cell(index.get((b, k))) for k, _ in variants),
+                    " / ".join(str(index.get((b, k), {}).get("cache_size", "?")) for k, _ in variants),
+                    " / ".join(fmt_bytes(index.get((b, k), {}).get("temp_bytes")) for k, _ in variants),
+                    fmt_bytes(index.get((b, "transform"), {}).get("per_example_grad_bytes")),
+                ]
+                for b in batches
+            ),
+        ),
+        "",
+        "*compiled once*: `jax.jit(step)._cache_size()` after timing (1 = no retracing); *XLA temp "
+        "memory*: scratch bytes of one call, from the compiled step's memory analysis; both in the "
+        "column order " + ", ".join(t for _, t in variants) + ".",
+    ]
+    sanity = doc.get("sanity") or []
+    if sanity:
+        out += [""] + [
+            f"Check (B={s['B']}): after 3 steps from the same start, efficient path vs. transformation: "
+            f"max |parameter difference| {s['max_abs_param_diff_efficient_vs_transform']:.1e}, max |weight "
+            f"difference| {s['max_abs_weight_diff']:.1e}."
+            for s in sanity
+        ]
+    method = doc.get("method", {})
+    out += ["", "<details><summary>How this was measured</summary>", ""]
+    if method.get("timing"):
+        out += [f"- Timing: {method['timing']}"]
+    if method.get("memory"):
+        out += [f"- Memory: {method['memory']}"]
+    threads = doc.get("machine", {}).get("threads", {})
+    if threads.get("xla_flags"):
+        out += [f"- `XLA_FLAGS={threads['xla_flags']}`."]
+    for key, text in (doc.get("variants") or {}).items():
+        out += [f"- `{key}`: {text}"]
+    out += ["", "</details>"]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- longtail
+
+_LT_MARK_TEXT = {"0.05": "5%", "0.1": "10%", "0.25": "25%", "0.5": "50%", "1": "100%"}
+
+
+def _pm(stat: dict[str, Any] | None, digits: int = 1, *, signed: bool = False) -> str:
+    """``mean ± std`` of a mean_std entry (no ± for a single seed)."""
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    sign = "+" if signed else ""
+    text = f"{stat['mean']:{sign}.{digits}f}"
+    if stat.get("n", 0) > 1:
+        text += f" ± {stat['std']:.{digits}f}"
+    return text
+
+
+def _every_seed(delta: dict[str, Any] | None, n_seeds: int) -> str:
+    if not delta:
+        return ""
+    word = "**yes**" if delta["every_seed_positive"] else "no"
+    return f"{word} ({delta['n_positive']}/{n_seeds})"
+
+
+def _lt_delta(agg: dict[str, Any], key: str, digits: int = 2) -> tuple[str, str]:
+    """The paired Δ of ``key`` (mean ± std) and its every-seed verdict; dashes for uniform."""
+    delta = (agg.get("delta_vs_uniform") or {}).get(key)
+    if agg["method"] == "uniform" or not delta:
+        return "—", ""
+    return _pm(delta, digits, signed=True), _every_seed(delta, agg["n_seeds"])
+
+
+def _lt_mark(mark: str) -> str:
+    return _LT_MARK_TEXT.get(mark, f"{100 * float(mark):g}%")
+
+
+def _doc_link(path: str) -> str:
+    """A figure path relative to the repository root, as a link from docs/."""
+    return path if path.startswith("/") else f"../{path}"
+
+
+def render_longtail(doc: dict[str, Any]) -> str:
+    cfg = doc.get("config", {})
+    methods = doc.get("methods", {})
+    aggs = doc["aggregates"]
+    seeds = cfg.get("seeds", [])
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (one seed, few epochs): not evidence.", ""]
+    deviations = doc.get("deviations")
+    if deviations:
+        out += [
+            "> **Deviations from the default protocol:** "
+            + "; ".join(f"{k}: used {v['used']}, default {v['default']}" for k, v in deviations.items()),
+            "",
+        ]
+    if doc.get("note"):
+        out += [f"> Note: {doc['note']}", ""]
+    out += [
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(str(s) for s in seeds)}); "
+        f"{cfg.get('model', '?')}, "
+        f"{cfg.get('optimizer', '?')}, batch {cfg.get('batch_size', '?')}; epochs "
+        + ", ".join(f"{d} {e}" for d, e in cfg.get("epochs", {}).items())
+        + f"; warm-up {cfg.get('warmup_epochs', '?'):g} epoch(s) for GradTail and loss rank. "
+        "Accuracies in percent on the balanced test half after the last epoch; *late mean* = the "
+        f"mean balanced accuracy after each of the last {100 * cfg.get('late_fraction', 0.25):g}% of "
+        "epochs (a fixed set, no selection: it damps the epoch-to-epoch swing of the rare classes, "
+        "which is as large as the effects measured here); Δ = paired difference to uniform weighting "
+        'of the same seed, in percentage points; "every seed" = Δ > 0 for every seed. Methods marked '
+        "† use the training class counts.",
+        "",
+    ]
+
+    for dataset, info in doc.get("datasets", {}).items():
+        rows = [a for a in aggs if a["dataset"] == dataset]
+        counts = info["counts"]
+        out += [
+            f"### {info['name']}: balanced accuracy and paired Δ vs. uniform",
+            "",
+            f"{info['n_train']:,} training examples (class counts {min(counts)} to {max(counts)}), "
+            f"balanced validation {info['n_val']:,} / test {info['n_test']:,}; {info['epochs']} epochs.",
+            "",
+            table(
+                [
+                    "method",
+                    "balanced acc.",
+                    "Δ balanced (pp)",
+                    "every seed",
+                    "late mean",
+                    "Δ late mean (pp)",
+                    "every seed (late)",
+                    "many",
+                    "medium",
+                    "few",
+                    "Δ few (pp)",
+                    "val. balanced acc.",
+                    "s / epoch",
+                ],
+                (
+                    [
+                        methods.get(a["method"], {}).get("label", a["method"])
+                        + (" †" if methods.get(a["method"], {}).get("uses_class_counts") else ""),
+                        _pm(a["test"]["balanced_accuracy"]),
+                        *_lt_delta(a, "balanced_accuracy"),
+                        _pm(a["test"].get("late_balanced_accuracy")),
+                        *_lt_delta(a, "late_balanced_accuracy"),
+                        _pm(a["test"]["many"]),
+                        _pm(a["test"]["medium"]),
+                        _pm(a["test"]["few"]),
+                        _lt_delta(a, "few", 1)[0],
+                        _pm(a["val_balanced_accuracy"]),
+                        _pm(a["seconds_per_epoch"], 2),
+                    ]
+                    for a in rows
+                ),
+            ),
+            "",
+        ]
+
+    td = cfg.get("tail_detection", {})
+    marks = [f"{m:g}" for m in td.get("marks", [])]
+    out += [
+        "### Tail detection: AUROC for few-shot-class examples",
+        "",
+        "How well a per-example score separates the training examples of the few-shot classes from "
+        "the rest, at a point of training: all examples of the steps in the last "
+        f"{100 * td.get('window', 0):g}% of training before the mark. GradTail's score is -alignment "
+        "in its own run; the loss (before the step's update) is the label-free baseline, in the same "
+        "run and under uniform training. 0.5 = chance; below 0.5 the score ranks the tail as "
+        "*aligned*.",
+        "",
+        table(
+            ["data set", "method", "score", *(_lt_mark(m) for m in marks)],
+            (
+                [
+                    dataset,
+                    methods.get(a["method"], {}).get("label", a["method"]),
+                    score,
+                    *(_pm(a["tail_detection"][detector].get(m), 2) for m in marks),
+                ]
+                for dataset in doc.get("datasets", {})
+                for a in aggs
+                if a["dataset"] == dataset
+                and (a["method"] == "uniform" or methods.get(a["method"], {}).get("gradtail"))
+                for detector, score in (("alignment", "-alignment"), ("loss", "loss"))
+                if detector in a["tail_detection"]
+            ),
+        ),
+        "",
+    ]
+
+    weighted = [a for a in aggs if a["method"] != "uniform" and a.get("weight_by_group")]
+    if weighted:
+        out += [
+            "<details><summary>Mean loss weight by class group, after warm-up</summary>",
+            "",
+            "Mean of the per-example weights over all training steps after the warm-up epoch "
+            "(class weights and GradTail / loss rank average 1 over a batch or the training set; "
+            "focal loss's factor is not normalised).",
+            "",
+            table(
+                ["data set", "method", "many", "medium", "few"],
+                (
+                    [
+                        a["dataset"],
+                        methods.get(a["method"], {}).get("label", a["method"]),
+                        *(_pm(a["weight_by_group"].get(g), 2) for g in ("many", "medium", "few")),
+                    ]
+                    for a in weighted
+                ),
+            ),
+            "",
+            "</details>",
+            "",
+        ]
+
+    figures = doc.get("figures") or []
+    if figures:
+        out += ["### Figures", ""]
+        for path in figures:
+            name = Path(path).name
+            caption = (
+                "Per-class test accuracy by method"
+                if "per_class" in name
+                else "GradTail alignment histograms, many/medium/few-shot classes, early and late"
+            )
+            out += [f"![{caption}]({_doc_link(path)})", "", f"*{caption} (`{path}`).*", ""]
+
+    out += ["<details><summary>How this was measured</summary>", ""]
+    for key in ("split", "metrics", "seconds_per_epoch"):
+        if cfg.get(key):
+            out += [f"- {key.replace('_', ' ').capitalize()}: {cfg[key]}."]
+    if td.get("text"):
+        out += [f"- Tail detection: {td['text']}."]
+    gd = cfg.get("gradtail_defaults")
+    if gd:
+        curve = gd.get("curve", {})
+        out += [
+            f"- GradTail library defaults at run time: reference {gd.get('reference')!r}, decay "
+            f"{gd.get('decay')}, curve {curve.get('kind')} (quantile {curve.get('quantile')}, max weight "
+            f"{curve.get('max_weight')}, normalise {curve.get('normalize')}), warm-up "
+            f"{gd.get('warmup_steps')}."
+        ]
+    out += [f"- `{name}`: {m.get('description', '')}" for name, m in methods.items()]
+    out += [
+        f"- Regenerate: `{doc.get('command', 'python -m benchmarks.longtail.run')}`, then "
+        "`.venv/bin/python benchmarks/render_tables.py`."
+    ]
+    out += ["", "</details>"]
+    return "\n".join(out)
+
+
+RENDERERS: dict[str, Renderer] = {
+    "core_ops": render_core_ops,
+    "torch_overhead": render_torch_overhead,
+    "jax_overhead": render_jax_overhead,
+    "longtail": render_longtail,
+}
 
 
 # --------------------------------------------------------------------------- document

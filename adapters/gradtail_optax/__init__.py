@@ -1,0 +1,27 @@
+"""gradtail_optax: GradTail sample weighting for JAX and optax.
+
+Two ways in (see docs/optax.md):
+
+- `gradtail`, an optax gradient transformation that takes **per-example** gradients
+  (batch axis first, e.g. from ``jax.vmap(jax.grad(loss))``) and returns their GradTail-weighted
+  mean. It must come first in an ``optax.chain``.
+- `head_init` / `head_weights`, the efficient path for big models: the weights of a dense head
+  from its inputs and per-example output gradients, in factored form; the train step then
+  differentiates the weighted loss once. Recommended whenever the scored parameters are dense
+  layers.
+
+>>> from gradtail_optax import gradtail, head_weights
+"""
+
+try:
+    import jax  # noqa: F401
+    import optax  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    raise ImportError(
+        "gradtail_optax needs JAX and optax. Install them with `pip install gradtail[optax]`."
+    ) from exc
+
+from ._head import head_init, head_weights, loss_and_output_grads
+from ._transform import GradTailState, gradtail
+
+__all__ = ["GradTailState", "gradtail", "head_init", "head_weights", "loss_and_output_grads"]
