@@ -158,6 +158,14 @@ class WeightCurve:
     floor: float = -0.5
     normalize: bool = False
 
+    def __post_init__(self) -> None:
+        # Fail at construction (e.g. in an adapter's constructor), not at the first step.
+        if self.kind not in CURVES:
+            raise ValueError(f"`kind` must be one of {CURVES}; Received: kind={self.kind!r}.")
+        _check_number("max_weight", self.max_weight, 1.0, float("inf"))
+        _check_number("temperature", self.temperature, 0.0, float("inf"), open_low=True)
+        _check_number("quantile", self.quantile, 0.0, 1.0)
+
     def __call__(self, alignment: Array, /) -> Array:
         """Weights for ``alignment`` (shape (B,)); see `weight_curve`."""
         return weight_curve(

@@ -102,3 +102,10 @@ def test_bad_shape_and_dtype(xp):
         gt.weight_curve(xp.asarray(np.zeros((2, 2))))
     with pytest.raises(TypeError, match="floating"):
         gt.weight_curve(xp.asarray(np.zeros(3, dtype=np.int32)))
+
+
+def test_weight_curve_object_validates_at_construction():
+    with pytest.raises(ValueError, match="max_weight"):
+        gt.WeightCurve(max_weight=0.5)
+    with pytest.raises(ValueError, match="kind"):
+        gt.WeightCurve(kind="cubic")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Literal
 
 import jax
-import numpy as np
 
-from gradtail_ops import DEFAULT_CURVE, WeightCurve, validate_step_options
+from gradtail_ops import WeightCurve, validate_step_options
 
 __all__ = ["Decay", "Options", "check_device_local", "check_not_wrapped", "make_options", "resolve_decay"]
 
@@ -55,8 +54,7 @@ def make_options(
             "`decay` must be a float in [0, 1] or a schedule `count -> decay`; "
             f"Received: {type(decay).__name__}."
         )
-    curve = replace(
-        DEFAULT_CURVE,
+    curve = WeightCurve(  # validates the options now, not at the first step
         kind=kind,
         max_weight=max_weight,
         threshold=threshold,
@@ -65,7 +63,6 @@ def make_options(
         floor=floor,
         normalize=normalize,
     )
-    curve(np.zeros(1, np.float32))  # validates the curve options now, not at the first step
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"`eps` must be a non-negative float; Received: eps={eps!r}.")
     return Options(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -16,6 +15,7 @@ from gradtail_ops import (
     DEFAULT_REFERENCE,
     DEFAULT_WARMUP_STEPS,
     EMAState,
+    WeightCurve,
     ema_init,
     linear_mean_grad,
     linear_score_and_update,
@@ -139,8 +139,7 @@ class GradTail:
         self.decay = float(decay)
         self.reference = reference
         self.warmup_steps = warmup_steps
-        self.curve = replace(
-            DEFAULT_CURVE,
+        self.curve = WeightCurve(  # validates the options now, not at the first step
             kind=kind,
             max_weight=max_weight,
             threshold=threshold,
@@ -149,7 +148,6 @@ class GradTail:
             floor=floor,
             normalize=normalize,
         )
-        self.curve(torch.zeros(1))  # validates the curve options now, not at the first step
         self.eps = eps
         self.method = method
         self.sync_distributed = sync_distributed
