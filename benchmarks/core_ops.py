@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import gc
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-import gradtail_ops  # noqa: E402
+from benchmarks import _meta  # noqa: E402
 from gradtail_ops import alignment, linear_alignment  # noqa: E402
 
 BENCHMARK = "core_ops"
@@ -602,63 +599,15 @@ CASES = {"head_2d": case_head_2d, "sequence": case_sequence, "dense": case_dense
 # --------------------------------------------------------------------------- machine info
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mem_total_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def git_info() -> dict[str, Any]:
-    def git(*cmd: str) -> str | None:
-        try:
-            res = subprocess.run(
-                ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    dirty = git("status", "--porcelain", "--", "gradtail_ops")
-    return {"commit": git("rev-parse", "HEAD"), "gradtail_ops_dirty": None if dirty is None else bool(dirty)}
-
-
 def machine_info(backends: Sequence[Backend]) -> dict[str, Any]:
-    versions: dict[str, str] = {"python": platform.python_version(), "gradtail_ops": gradtail_ops.__version__}
+    versions: dict[str, str] = {}
     with contextlib.suppress(Exception):
         import array_api_compat
 
         versions["array_api_compat"] = array_api_compat.__version__
     for be in backends:
         versions.update(be.versions())
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = None
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_usable": usable,
-        "mem_total_bytes": mem_total_bytes(),
-        "versions": versions,
-        "git": git_info(),
-    }
+    return _meta.machine_info(versions, git=_meta.git_state({"gradtail_ops_dirty": ("gradtail_ops",)}))
 
 
 # --------------------------------------------------------------------------- main
@@ -736,14 +685,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def limit_threads(n: int) -> dict[str, Any]:
     """Cap intra-op threads of every backend at ``n`` (before torch/JAX are imported)."""
-    applied: dict[str, Any] = {"requested": n or "library default"}
+    applied: dict[str, Any] = _meta.threads_info(n)
     if n <= 0:
         return applied
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}".strip()
-    )
-    applied["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
+    applied["XLA_FLAGS"] = _meta.xla_thread_flags(n)
     try:
         from threadpoolctl import threadpool_limits
 
@@ -762,7 +707,7 @@ def limit_threads(n: int) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     threads = limit_threads(opts.threads)
-    load_before = os.getloadavg()[0]
+    load_before = _meta.load_average()
     started = time.perf_counter()
     backends, skipped = [], {}
     for name in opts.backends:
@@ -780,17 +725,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(entry)
                 print(_fmt_entry(entry), flush=True)
                 gc.collect()
-    load_after = os.getloadavg()[0]
+    load_after = _meta.load_average()
     machine = machine_info(backends)
-    machine["loadavg_1min_before"] = load_before
-    machine["loadavg_1min_after"] = load_after
+    machine |= _meta.load_fields(load_before, load_after, one_minute_only=True)
     machine["threads"] = {k: v for k, v in threads.items() if not k.startswith("_")}
     checks = [c for r in results for c in r["checks"]]
     doc = {
-        "benchmark": BENCHMARK,
-        "schema_version": SCHEMA_VERSION,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        **_meta.run_header(BENCHMARK, SCHEMA_VERSION, _meta.command_line(argv)),
         "quick": opts.quick,
         "repeats": opts.repeats,
         "budget_seconds": opts.budget,
@@ -809,13 +750,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "results": results,
     }
-    out = opts.out if opts.out.is_absolute() else Path.cwd() / opts.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out = _meta.write_json(Path.cwd() / opts.out, doc)
     s = doc["summary"]
     print(
         f"{s['passed']}/{s['checks']} targets pass ({s['failed']} fail, {s['unknown']} unknown); "
-        f"load {load_before:.2f} -> {load_after:.2f}; {doc['wall_seconds']:.0f} s; wrote {out}"
+        f"load {load_before[0]:.2f} -> {load_after[0]:.2f}; {doc['wall_seconds']:.0f} s; wrote {out}"
     )
     return 0
 

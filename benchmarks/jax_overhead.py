@@ -26,14 +26,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import itertools
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,19 +51,18 @@ def _threads_from_argv(argv: Sequence[str]) -> int:
     return 1
 
 
+from benchmarks import _meta  # noqa: E402
+
 # XLA reads its flags once, at backend start: set them before jax is imported.
 THREADS = _threads_from_argv(sys.argv[1:]) if __name__ == "__main__" else 1
 if THREADS == 1:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    ).strip()
+    _meta.xla_thread_flags(1)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import gradtail_ops  # noqa: E402
 import gradtail_optax  # noqa: E402
 
 BENCHMARK = "jax_overhead"
@@ -314,70 +309,23 @@ def check(key: str, value: float | None, min_based: float | None, paired: float 
 # --------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mem_total_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def git_info() -> dict[str, Any]:
-    def git(*cmd: str) -> str | None:
-        try:
-            res = subprocess.run(
-                ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    dirty = git("status", "--porcelain", "--", "gradtail_ops", "adapters/gradtail_optax")
-    return {"commit": git("rev-parse", "HEAD"), "gradtail_ops_dirty": None if dirty is None else bool(dirty)}
-
-
 def machine_info(opts: argparse.Namespace) -> dict[str, Any]:
     import jaxlib
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = None
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_usable": usable,
-        "mem_total_bytes": mem_total_bytes(),
-        "versions": {
-            "python": platform.python_version(),
-            "gradtail_ops": gradtail_ops.__version__,
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "optax": optax.__version__,
-            "numpy": np.__version__,
-        },
-        "jax_backend": jax.default_backend(),
-        "threads": {
-            "requested": opts.threads or "library default",
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        },
-        "git": git_info(),
+    versions = {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
     }
+    return _meta.machine_info(
+        versions,
+        git=_meta.git_state({"gradtail_ops_dirty": ("gradtail_ops", "adapters/gradtail_optax")}),
+        fields={
+            "jax_backend": jax.default_backend(),
+            "threads": _meta.threads_info(opts.threads, xla_flags=os.environ.get("XLA_FLAGS", "")),
+        },
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -459,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.threads != THREADS and __name__ == "__main__":
         print("note: --threads takes effect only when given on the command line", file=sys.stderr)
-    load_before = os.getloadavg()
+    load_before = _meta.load_average()
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     sanity: list[dict[str, Any]] = []
@@ -516,17 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[B={batch}] {time.perf_counter() - t0:.0f} s", flush=True)
         del measured, runs
         gc.collect()
-    load_after = os.getloadavg()
-    machine = machine_info(opts)
-    machine["loadavg_before"] = list(load_before)
-    machine["loadavg_after"] = list(load_after)
-    machine["loadavg_1min_before"] = load_before[0]
-    machine["loadavg_1min_after"] = load_after[0]
+    load_after = _meta.load_average()
+    machine = machine_info(opts) | _meta.load_fields(load_before, load_after)
     doc = {
-        "benchmark": BENCHMARK,
-        "schema_version": SCHEMA_VERSION,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        **_meta.run_header(BENCHMARK, SCHEMA_VERSION, _meta.command_line(argv)),
         "quick": opts.quick,
         "repeats": opts.repeats,
         "transform_repeats": opts.transform_repeats,
@@ -548,8 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
         "sanity": sanity,
     }
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(doc, indent=1) + "\n")
+    _meta.write_json(opts.out, doc)
     checks = [c for r in results for c in r["checks"]]
     print(f"{sum(c['passed'] is True for c in checks)} of {len(checks)} targets pass; wrote {opts.out}")
     return 0

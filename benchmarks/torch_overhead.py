@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import gc
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -85,6 +83,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradtail_ops  # noqa: E402
+from benchmarks import _meta  # noqa: E402
 from gradtail_ops import (  # noqa: E402
     DEFAULT_CURVE,
     DEFAULT_DECAY,
@@ -877,28 +876,6 @@ def grad_agreement(head_width: int, batch: int, opts: argparse.Namespace) -> flo
     )
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mem_total_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def source_hash(ops_dir: Path, torch_dir: Path) -> str:
     """Hash of the package sources in two directories (same value for a snapshot and its origin)."""
     import hashlib
@@ -922,51 +899,25 @@ def working_tree_hash() -> str:
     return source_hash(REPO / "gradtail_ops", REPO / "adapters" / "gradtail_torch")
 
 
-def git_info() -> dict[str, Any]:
-    def git(*cmd: str) -> str | None:
-        try:
-            res = subprocess.run(
-                ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    dirty = git("status", "--porcelain", "--", "gradtail_ops", "adapters")
-    return {"commit": git("rev-parse", "HEAD"), "gradtail_ops_dirty": None if dirty is None else bool(dirty)}
+GIT_DIRTY = {"gradtail_ops_dirty": ("gradtail_ops", "adapters")}
 
 
-def machine_info(opts: argparse.Namespace) -> dict[str, Any]:
+def machine_info(opts: argparse.Namespace, git: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    versions = {
-        "python": platform.python_version(),
-        "gradtail_ops": gradtail_ops.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
+    versions = {"torch": torch.__version__, "numpy": np.__version__}
     if opts.opacus_ok:
         import opacus
 
         versions["opacus"] = opacus.__version__
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = None
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_usable": usable,
-        "mem_total_bytes": mem_total_bytes(),
-        "versions": versions,
-        "torch_num_threads": torch.get_num_threads(),
-        "threads": {
-            "requested": opts.threads or "library default",
+    return _meta.machine_info(
+        versions,
+        git=git,
+        fields={
             "torch_num_threads": torch.get_num_threads(),
+            "threads": _meta.threads_info(opts.threads, torch_num_threads=torch.get_num_threads()),
         },
-        "git": git_info(),
-    }
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1107,10 +1058,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts._child is not None:
         return child_main(opts._child, opts.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    load_before = os.getloadavg()
+    load_before = _meta.load_average()
     started = time.perf_counter()
     tree_start = working_tree_hash()
-    git_start = git_info()
+    git_start = _meta.git_state(GIT_DIRTY)
     measured = imported_source_hash()
     opts.opacus_ok, opts.opacus_info = (
         opacus_status() if "opacus_all" in opts.variants else (False, "not requested")
@@ -1202,14 +1153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             profiles.append(profile_breakdown(HEADS[head], opts.profile_batch, opts))
             print(f"[profile {head} B={opts.profile_batch}] {time.perf_counter() - t0:.0f} s", flush=True)
-    load_after = os.getloadavg()
-    machine = machine_info(opts)
-    machine["loadavg_before"] = list(load_before)
-    machine["loadavg_after"] = list(load_after)
-    machine["loadavg_1min_before"] = load_before[0]
-    machine["loadavg_1min_after"] = load_after[0]
-    machine["git"] = git_start  # the snapshot's commit: taken at the start
-    machine["git_commit_at_end"] = git_info()["commit"]
+    load_after = _meta.load_average()
+    machine = machine_info(opts, git_start)  # git: the snapshot's commit, taken at the start
+    machine |= _meta.load_fields(load_before, load_after)
+    machine["git_commit_at_end"] = _meta.git("rev-parse", "HEAD")
     child_hashes = {r["memory"].get("source_hash") for r in results if r.get("memory")} - {None}
     tree_end = working_tree_hash()
     machine["source"] = {
@@ -1231,10 +1178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     checks = [c for r in results for c in r["checks"]]
     doc = {
-        "benchmark": BENCHMARK,
-        "schema_version": SCHEMA_VERSION,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        **_meta.run_header(BENCHMARK, SCHEMA_VERSION, _meta.command_line(argv)),
         "quick": opts.quick,
         "repeats": opts.repeats,
         "budget_seconds": opts.budget,
@@ -1276,9 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sanity": sanity,
         "profile": profiles,
     }
-    out = opts.out if opts.out.is_absolute() else Path.cwd() / opts.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out = _meta.write_json(Path.cwd() / opts.out, doc)
     s = doc["summary"]
     print(
         f"{s['passed']}/{s['checks']} targets pass ({s['failed']} fail, {s['unknown']} unknown); "

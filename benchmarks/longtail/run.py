@@ -19,13 +19,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
-import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +33,7 @@ from tqdm import tqdm
 
 import gradtail_ops
 
+from .. import _meta
 from .analysis import HIST_MARKS, MARKS, alignment_histograms, tail_detection, weight_by_group
 from .datasets import DATASETS, SPLIT_SEED, load_dataset
 from .methods import METHODS
@@ -77,65 +73,18 @@ def _metric(row: dict[str, Any], key: str) -> float:
 # ------------------------------------------------------------------------------- machine
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _mem_total_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def git_info() -> dict[str, Any]:
-    def git(*cmd: str) -> str | None:
-        try:
-            res = subprocess.run(
-                ["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    dirty = git("status", "--porcelain", "--", "gradtail_ops", "adapters")
-    bench_dirty = git("status", "--porcelain", "--", "benchmarks/longtail")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "gradtail_ops_dirty": None if dirty is None else bool(dirty),
-        "longtail_suite_dirty": None if bench_dirty is None else bool(bench_dirty),
-    }
+GIT_DIRTY = {
+    "gradtail_ops_dirty": ("gradtail_ops", "adapters"),
+    "longtail_suite_dirty": ("benchmarks/longtail",),
+}
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    try:
-        usable: int | None = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = None
-    return {
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_usable": usable,
-        "mem_total_bytes": _mem_total_bytes(),
-        "versions": {
-            "python": platform.python_version(),
-            "gradtail_ops": gradtail_ops.__version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
-        "threads": {"requested": threads, "torch_num_threads": torch.get_num_threads()},
-        "git": git_info(),
-    }
+    return _meta.machine_info(
+        {"torch": torch.__version__, "numpy": np.__version__},
+        git=_meta.git_state(GIT_DIRTY),
+        fields={"threads": _meta.threads_info(threads, torch_num_threads=torch.get_num_threads())},
+    )
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -375,7 +324,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    load_before = _meta.load_average()
     start = time.perf_counter()
     machine = machine_info(args.threads)
     # uniform first: every other method's delta is paired with it.
@@ -411,13 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(run_one(split, dataset, method, seed, epochs[dataset], args, bar))
     bar.close()
     add_deltas(rows)
-    load_after = os.getloadavg()
-    machine |= {
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(load_after),
-        "loadavg_1min_before": load_before[0],
-        "loadavg_1min_after": load_after[0],
-    }
+    machine |= _meta.load_fields(load_before, _meta.load_average())
     defaults = {d: DATASETS[d].epochs for d in args.datasets}
     deviations = {}
     if not args.quick and epochs != defaults:
@@ -425,12 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quick and list(args.seeds) != list(DEFAULT_SEEDS):
         deviations["seeds"] = {"used": list(args.seeds), "default": list(DEFAULT_SEEDS)}
     doc: dict[str, Any] = {
-        "benchmark": BENCHMARK,
-        "schema_version": SCHEMA_VERSION,
-        "quick": bool(args.quick),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.longtail.run"
-        + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv)),
+        **_meta.run_header(
+            BENCHMARK,
+            SCHEMA_VERSION,
+            _meta.command_line(argv, prog="python -m benchmarks.longtail.run"),
+            quick=bool(args.quick),
+        ),
         "wall_seconds": time.perf_counter() - start,
         "dtype": "float32",
         "machine": machine,
@@ -492,8 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .figures import make_figures
 
         doc["figures"] = [_rel(p) for p in make_figures(doc, args.figures_dir)]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(dumps(doc) + "\n")
+    _meta.write_json(args.out, doc, dumps=dumps)
     print(summary(doc))
     figures = f"; figures: {', '.join(doc['figures'])}" if doc.get("figures") else ""
     print(f"JSON: {_rel(args.out)}{figures}")

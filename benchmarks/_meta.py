@@ -1,0 +1,178 @@
+"""Run metadata shared by the benchmark scripts: machine, load, git state, header, JSON output.
+
+Every benchmark JSON carries the same ``machine`` block (read by ``benchmarks/render_tables.py``)
+and the same header (``benchmark``, ``schema_version``, ``date``, ``command``); these functions
+build them, so the four scripts write them alike.
+
+This module imports no array library: ``jax_overhead.py`` sets ``XLA_FLAGS`` through it before JAX
+is imported, and ``torch_overhead.py`` imports ``gradtail_ops`` from a snapshot of the sources, so
+``gradtail_ops`` is looked up only when :func:`machine_info` runs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo``; ``platform.processor()`` elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_total_bytes() -> int | None:
+    """Total memory in bytes from ``/proc/meminfo``; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cpu_usable() -> int | None:
+    """How many CPUs this process may run on (its affinity mask); None where unknown."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def git(*args: str) -> str | None:
+    """Stripped stdout of ``git ARGS`` run in the repository; None if git fails or is missing."""
+    try:
+        res = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def git_state(dirty: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """``{"commit": HEAD, key: uncommitted changes under paths?, ...}`` for each ``key: paths`` in ``dirty``.
+
+    A flag is None where git cannot tell (no git, not a checkout).
+    """
+    state: dict[str, Any] = {"commit": git("rev-parse", "HEAD")}
+    for key, paths in dirty.items():
+        status = git("status", "--porcelain", "--", *paths)
+        state[key] = None if status is None else bool(status)
+    return state
+
+
+def machine_info(
+    extra_versions: Mapping[str, str] | None = None,
+    *,
+    git: dict[str, Any],
+    fields: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``machine`` block: platform, CPU, memory, library versions, then ``fields``, then ``git``.
+
+    ``versions`` holds Python and gradtail_ops, then ``extra_versions`` in their order; ``git`` is a
+    :func:`git_state` result.
+    """
+    import gradtail_ops
+
+    versions = {"python": platform.python_version(), "gradtail_ops": gradtail_ops.__version__}
+    versions.update(extra_versions or {})
+    return {
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": cpu_usable(),
+        "mem_total_bytes": mem_total_bytes(),
+        "versions": versions,
+        **(fields or {}),
+        "git": git,
+    }
+
+
+def threads_info(requested: int, **fields: Any) -> dict[str, Any]:
+    """The ``machine.threads`` block: the requested count (0: "library default"), then ``fields``."""
+    return {"requested": requested or "library default", **fields}
+
+
+def xla_thread_flags(n: int) -> str:
+    """Append flags capping XLA's CPU intra-op threads at ``n`` to ``XLA_FLAGS``; return the new value.
+
+    XLA reads them once, when its backend starts: call this before JAX is imported.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}".strip()
+    )
+    return os.environ["XLA_FLAGS"]
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (``os.getloadavg()``)."""
+    return os.getloadavg()
+
+
+def load_fields(
+    before: Sequence[float], after: Sequence[float], *, one_minute_only: bool = False
+) -> dict[str, Any]:
+    """The ``machine`` keys for the load averages taken before and after the timed work."""
+    full = {} if one_minute_only else {"loadavg_before": list(before), "loadavg_after": list(after)}
+    return full | {"loadavg_1min_before": before[0], "loadavg_1min_after": after[0]}
+
+
+def utc_timestamp() -> str:
+    """Now, in UTC, ISO 8601 to the second (the ``date`` of a run)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def command_line(argv: Sequence[str] | None = None, *, prog: str | None = None) -> str:
+    """The command of a run, for the ``command`` key.
+
+    Without ``prog``: the interpreter's name and ``sys.argv``, or ``argv`` joined where ``main``
+    was given one. With ``prog``: ``prog`` and the shell-quoted arguments (``sys.argv[1:]`` or
+    ``argv``).
+    """
+    if prog is not None:
+        return prog + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    return " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv)
+
+
+def run_header(
+    benchmark: str, schema_version: int, command: str, *, quick: bool | None = None
+) -> dict[str, Any]:
+    """The first keys of a result file: benchmark, schema_version, [quick,] date, command.
+
+    ``quick`` is placed before ``date`` only when given (the long-tail suite's layout); the other
+    benchmarks write it after the header.
+    """
+    header: dict[str, Any] = {"benchmark": benchmark, "schema_version": schema_version}
+    if quick is not None:
+        header["quick"] = quick
+    return header | {"date": utc_timestamp(), "command": command}
+
+
+def write_json(path: Path, doc: Any, *, dumps: Callable[[Any], str] | None = None) -> Path:
+    """Write ``doc`` to ``path`` (parents created) with a final newline; return ``path``.
+
+    ``dumps`` encodes it (default: ``json.dumps(doc, indent=1)``).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((dumps(doc) if dumps is not None else json.dumps(doc, indent=1)) + "\n")
+    return path
