@@ -176,3 +176,39 @@ def write_json(path: Path, doc: Any, *, dumps: Callable[[Any], str] | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text((dumps(doc) if dumps is not None else json.dumps(doc, indent=1)) + "\n")
     return path
+
+
+def add_out_argument(parser: Any, default: Path, quick: Path) -> None:
+    """``--out``: the full run writes ``default`` (committed); ``--quick`` writes ``quick`` (ignored)."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON output (default: {default}; with --quick: {quick}, so a smoke run never "
+        "overwrites the full results)",
+    )
+
+
+def resolve_out(args: Any, default: Path, quick: Path) -> None:
+    """Fill ``args.out`` when the command line left it out."""
+    if args.out is None:
+        args.out = quick if args.quick else default
+
+
+def check_summary(checks: list[dict[str, Any]]) -> dict[str, int]:
+    """Counts of target checks by verdict (``passed`` is True, False or None)."""
+    return {
+        "checks": len(checks),
+        "passed": sum(c["passed"] is True for c in checks),
+        "failed": sum(c["passed"] is False for c in checks),
+        "unknown": sum(c["passed"] is None for c in checks),
+    }
+
+
+def print_closing(doc: dict[str, Any], out: Path, load_before: Any, load_after: Any) -> None:
+    """The last line of a checked benchmark: verdicts, load, wall time, output path."""
+    s = doc["summary"]
+    print(
+        f"{s['passed']}/{s['checks']} targets pass ({s['failed']} fail, {s['unknown']} unknown); "
+        f"load {load_before[0]:.2f} -> {load_after[0]:.2f}; {doc['wall_seconds']:.0f} s; wrote {out}"
+    )

@@ -639,13 +639,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(ALL_CASES),
         help="comma-separated subset of " + ",".join(ALL_CASES) + " (default: all)",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"JSON output (default: {DEFAULT_OUT}; with --quick: {QUICK_OUT}, so a smoke run never "
-        "overwrites the committed full results)",
-    )
+    _meta.add_out_argument(p, DEFAULT_OUT, QUICK_OUT)
     p.add_argument(
         "--repeats", type=int, default=None, help="timed repeats per variant (default 11; quick 3)"
     )
@@ -678,8 +672,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.repeats = 3 if args.quick else 11
     if args.budget is None:
         args.budget = 2.0 if args.quick else 10.0
-    if args.out is None:
-        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    _meta.resolve_out(args, DEFAULT_OUT, QUICK_OUT)
     return args
 
 
@@ -742,20 +735,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "method": {"timing": TIMING_METHOD, "memory": MEMORY_METHODS},
         "targets": TARGETS,
         "skipped_backends": skipped,
-        "summary": {
-            "checks": len(checks),
-            "passed": sum(c["passed"] is True for c in checks),
-            "failed": sum(c["passed"] is False for c in checks),
-            "unknown": sum(c["passed"] is None for c in checks),
-        },
+        "summary": _meta.check_summary(checks),
         "results": results,
     }
     out = _meta.write_json(Path.cwd() / opts.out, doc)
-    s = doc["summary"]
-    print(
-        f"{s['passed']}/{s['checks']} targets pass ({s['failed']} fail, {s['unknown']} unknown); "
-        f"load {load_before[0]:.2f} -> {load_after[0]:.2f}; {doc['wall_seconds']:.0f} s; wrote {out}"
-    )
+    _meta.print_closing(doc, out, load_before, load_after)
     return 0
 
 

@@ -338,13 +338,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="B=64 only, few repeats: < 60 s")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"JSON output (default: {DEFAULT_OUT}; with --quick: {QUICK_OUT}, so a smoke run never "
-        "overwrites the full results)",
-    )
+    _meta.add_out_argument(p, DEFAULT_OUT, QUICK_OUT)
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 64,256; quick 64)")
     p.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
@@ -398,8 +392,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.budget = 5.0 if args.quick else 60.0
     if args.warmup is None:
         args.warmup = 2 if args.quick else 3
-    if args.out is None:
-        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    _meta.resolve_out(args, DEFAULT_OUT, QUICK_OUT)
     return args
 
 

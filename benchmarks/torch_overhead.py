@@ -927,13 +927,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="B=64 only, few repeats, in-process memory: < 60 s")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"JSON output (default: {DEFAULT_OUT}; with --quick: {QUICK_OUT}, so a smoke run never "
-        "overwrites the full results)",
-    )
+    _meta.add_out_argument(p, DEFAULT_OUT, QUICK_OUT)
     p.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of " + ",".join(HEADS))
     p.add_argument(
         "--batches", default=None, help="comma-separated batch sizes (default 64,256,1024; quick 64)"
@@ -1023,8 +1017,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.profile_batch = 64 if args.quick else 256
     if args.profile_steps is None:
         args.profile_steps = 2 if args.quick else 8
-    if args.out is None:
-        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    _meta.resolve_out(args, DEFAULT_OUT, QUICK_OUT)
     return args
 
 
@@ -1209,23 +1202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "time of the ops inside gt.weights / gt.backward.",
         },
         "targets": TARGETS,
-        "summary": {
-            "checks": len(checks),
-            "passed": sum(c["passed"] is True for c in checks),
-            "failed": sum(c["passed"] is False for c in checks),
-            "unknown": sum(c["passed"] is None for c in checks),
-        },
+        "summary": _meta.check_summary(checks),
         "results": results,
         "kernel": kernels,
         "sanity": sanity,
         "profile": profiles,
     }
     out = _meta.write_json(Path.cwd() / opts.out, doc)
-    s = doc["summary"]
-    print(
-        f"{s['passed']}/{s['checks']} targets pass ({s['failed']} fail, {s['unknown']} unknown); "
-        f"load {load_before[0]:.2f} -> {load_after[0]:.2f}; {doc['wall_seconds']:.0f} s; wrote {out}"
-    )
+    _meta.print_closing(doc, out, load_before, load_after)
     return 0
 
 
