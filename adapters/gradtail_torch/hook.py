@@ -277,7 +277,7 @@ class GradTail:
     def _step(
         self, per_example_loss: torch.Tensor, *, retain_graph: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self._check_loss(per_example_loss)
+        # Callers have run _check_loss (backward() needs it before walking the graph).
         if not self._batchnorm_checked:
             self._check_mixing(per_example_loss)
             self._batchnorm_checked = True
@@ -329,6 +329,7 @@ class GradTail:
         >>> gt.weights(loss).shape
         torch.Size([5])
         """
+        self._check_loss(per_example_loss)
         return self._step(per_example_loss, retain_graph=True)[0]
 
     def backward(self, per_example_loss: torch.Tensor) -> torch.Tensor:
