@@ -18,6 +18,7 @@ from .linear import (
     multi_linear_alignment,
     multi_linear_dots_and_sq_norms,
 )
+from .memory import MemoryState, memory_init, memory_update, memory_weights
 from .step import (
     REFERENCES,
     GradTailOutput,
@@ -39,6 +40,7 @@ __all__ = [
     "REFERENCES",
     "EMAState",
     "GradTailOutput",
+    "MemoryState",
     "WeightCurve",
     "__version__",
     "alignment",
@@ -55,6 +57,9 @@ __all__ = [
     "multi_linear_alignment",
     "multi_linear_dots_and_sq_norms",
     "linear_score_and_update",
+    "memory_init",
+    "memory_update",
+    "memory_weights",
     "score_and_update",
     "validate_step_options",
     "weight_curve",
