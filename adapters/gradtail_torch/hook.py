@@ -15,10 +15,14 @@ from gradtail_ops import (
     DEFAULT_REFERENCE,
     DEFAULT_WARMUP_STEPS,
     EMAState,
+    MemoryState,
     WeightCurve,
     ema_init,
     linear_mean_grad,
     linear_score_and_update,
+    memory_init,
+    memory_update,
+    memory_weights,
     validate_step_options,
 )
 from gradtail_ops.curves import Curve
@@ -103,6 +107,22 @@ class GradTail:
     sync_distributed : bool, optional
         When ``torch.distributed`` is initialised, average the batch reference over ranks
         before the EMA update so every rank holds the same state. Defaults to True.
+    memory_size : int, optional
+        Turn on the persistent per-example memory for a training set of this many examples
+        (`gradtail_ops.memory_update`): each example keeps an EMA, over its visits, of its
+        batch-standardised alignment, and the loss weights come from that running score,
+        ``clip(exp(-memory_eta * m_i), 1/memory_max_weight, memory_max_weight)`` normalised
+        to batch mean 1, instead of the per-batch curve. Every `weights`/`backward` call
+        then needs ``index=``, each example's row in ``[0, memory_size)`` (e.g. its position
+        in the data set). Costs 8 bytes per example on the tracked layers' device. Off
+        (None) by default: it needs the indices and helps some data sets and not others
+        (docs/tail_mining.md). Not synchronised across ``torch.distributed`` ranks.
+    memory_decay : float, optional
+        Per-visit decay of the running score, in [0, 1). Defaults to 0.5.
+    memory_eta : float, optional
+        Log-weight per standard deviation of running score, >= 0. Defaults to 1.0.
+    memory_max_weight : float, optional
+        Cap of the memory weights (before normalisation), >= 1. Defaults to 3.0.
 
     Examples
     --------
@@ -133,8 +153,13 @@ class GradTail:
         eps: float = 0.0,
         method: Literal["auto", "ghost", "materialize"] = "auto",
         sync_distributed: bool = True,
+        memory_size: int | None = None,
+        memory_decay: float = 0.5,
+        memory_eta: float = 1.0,
+        memory_max_weight: float = 3.0,
     ) -> None:
         validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
+        _validate_memory_options(memory_size, memory_decay, memory_eta, memory_max_weight)
         self.layers, self._root = _collect_linears(modules)
         self.decay = float(decay)
         self.reference = reference
@@ -152,6 +177,12 @@ class GradTail:
         self.method = method
         self.sync_distributed = sync_distributed
         self.state: EMAState = ema_init([self._template(m) for m in self.layers])
+        self.memory_decay = float(memory_decay)
+        self.memory_eta = float(memory_eta)
+        self.memory_max_weight = float(memory_max_weight)
+        self.memory: MemoryState | None = (
+            None if memory_size is None else memory_init(memory_size, like=self.layers[0].weight.detach())
+        )
         self.last_alignment: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self._records = [_Record() for _ in self.layers]
@@ -274,10 +305,51 @@ class GradTail:
                 stacklevel=3,
             )
 
+    def _check_index(self, index: Any, batch: int) -> torch.Tensor | None:
+        if self.memory is None:
+            if index is not None:
+                raise ValueError(
+                    "`index` was given but this GradTail has no per-example memory: construct it with "
+                    "memory_size=<number of training examples> to use it; Received: index of type "
+                    f"{type(index).__name__}."
+                )
+            return None
+        if index is None:
+            raise ValueError(
+                f"This GradTail keeps a per-example memory (memory_size={self.memory.score.shape[0]}): "
+                "pass index=, each example's row in [0, memory_size), to weights()/backward(); "
+                "Received: index=None."
+            )
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(index)
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise TypeError(
+                f"`index` must be an integer tensor of shape ({batch},); Received: dtype={index.dtype} "
+                f"with shape {tuple(index.shape)}."
+            )
+        if tuple(index.shape) != (batch,):
+            raise ValueError(
+                f"`index` must have shape ({batch},), one row per example of the loss; "
+                f"Received: shape {tuple(index.shape)}."
+            )
+        if _distributed_active():
+            raise RuntimeError(
+                "The per-example memory is not synchronised across torch.distributed ranks: use it in "
+                "single-process training (memory_size=None turns it off)."
+            )
+        size = int(self.memory.score.shape[0])
+        if batch and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise IndexError(
+                f"`index` entries must lie in [0, {size}) (memory_size); Received: entries from "
+                f"{int(index.min())} to {int(index.max())}."
+            )
+        rows: torch.Tensor = index.to(device=self.memory.score.device, dtype=torch.int64)
+        return rows
+
     def _step(
-        self, per_example_loss: torch.Tensor, *, retain_graph: bool
+        self, per_example_loss: torch.Tensor, *, retain_graph: bool, index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        # Callers have run _check_loss (backward() needs it before walking the graph).
+        # Callers have run _check_loss and _check_index (backward() needs them before walking the graph).
         if not self._batchnorm_checked:
             self._check_mixing(per_example_loss)
             self._batchnorm_checked = True
@@ -288,6 +360,7 @@ class GradTail:
             self.discard()  # this forward is consumed, even when its gradients could not be taken
         reduce = distributed_mean if self.sync_distributed and _distributed_active() else None
         layers = list(zip(inputs, output_grads, strict=True))
+        steps_before = int(self.state.count) if index is not None else 0
         with torch.no_grad():
             out = linear_score_and_update(
                 self.state,
@@ -302,10 +375,32 @@ class GradTail:
             )
         self.state = out.state
         self.last_alignment = out.alignment.detach()
-        self.last_weights = out.weights.detach()
-        return out.weights.to(per_example_loss.dtype), layers  # type: ignore[return-value]
+        weights = out.weights
+        if index is not None and self.memory is not None:
+            weights = self._memory_step(index, out.alignment, steps_before)
+        self.last_weights = weights.detach()
+        return weights.to(per_example_loss.dtype), layers  # type: ignore[return-value]
 
-    def weights(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+    def _memory_step(self, index: torch.Tensor, alignment: torch.Tensor, steps_before: int) -> torch.Tensor:
+        """Fold the alignments into the memory; the memory's weights once weighting is on."""
+        assert self.memory is not None
+        with torch.no_grad():
+            if steps_before >= 1:  # before the first update there is no reference: all cosines are 0
+                self.memory = memory_update(
+                    self.memory,
+                    index,
+                    alignment.to(self.memory.score.dtype),
+                    decay=self.memory_decay,
+                    copy=False,
+                )
+            if steps_before < max(1, self.warmup_steps):
+                return torch.ones_like(alignment)
+            weights: torch.Tensor = memory_weights(
+                self.memory, index, eta=self.memory_eta, max_weight=self.memory_max_weight, normalize=True
+            )
+            return weights
+
+    def weights(self, per_example_loss: torch.Tensor, *, index: Any = None) -> torch.Tensor:
         """Score this batch, update the reference, and return the loss weights.
 
         Parameters
@@ -313,6 +408,9 @@ class GradTail:
         per_example_loss : Tensor, shape (B,)
             One loss per example (``reduction="none"``), from a training forward through the
             tracked layers since the last call.
+        index : Tensor of shape (B,), integer, optional
+            Each example's row in the per-example memory, in ``[0, memory_size)``. Required
+            when the GradTail was built with ``memory_size``; an error otherwise.
 
         Returns
         -------
@@ -330,9 +428,10 @@ class GradTail:
         torch.Size([5])
         """
         self._check_loss(per_example_loss)
-        return self._step(per_example_loss, retain_graph=True)[0]
+        rows = self._check_index(index, per_example_loss.shape[0])
+        return self._step(per_example_loss, retain_graph=True, index=rows)[0]
 
-    def backward(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+    def backward(self, per_example_loss: torch.Tensor, *, index: Any = None) -> torch.Tensor:
         """Do the whole step: weights, then the weighted backward, in one go.
 
         When every tensor the loss needs a gradient for lives in the tracked layers, the
@@ -344,6 +443,8 @@ class GradTail:
         Parameters
         ----------
         per_example_loss : Tensor, shape (B,)
+        index : Tensor of shape (B,), integer, optional
+            The examples' rows in the per-example memory (see `weights`).
 
         Returns
         -------
@@ -360,13 +461,14 @@ class GradTail:
         torch.Size([4, 3])
         """
         self._check_loss(per_example_loss)
+        rows = self._check_index(index, per_example_loss.shape[0])
         tracked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
         tracked = {r.output.grad_fn for r in self._records if r.output is not None}
         facts = inspect_graph(per_example_loss, tracked)
         book_keeping = facts.leaves <= tracked_params and not (
             self.sync_distributed and _distributed_active()
         )  # under DDP the weighted backward lets DDP's reducer average the gradients
-        weights, layers = self._step(per_example_loss, retain_graph=not book_keeping)
+        weights, layers = self._step(per_example_loss, retain_graph=not book_keeping, index=rows)
         self.last_backward = "book-keeping" if book_keeping else "weighted backward"
         if not book_keeping:
             (weights.detach() * per_example_loss).mean().backward()  # type: ignore[no-untyped-call]
@@ -383,8 +485,40 @@ class GradTail:
         return weights
 
     # ----------------------------------------------------------------------------- state
+    def memory_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every example's running score and visit count, for tail mining.
+
+        Returns
+        -------
+        score : Tensor, shape (memory_size,)
+            The EMA over visits of the example's batch-standardised alignment: low is
+            tail-like (its gradient disagrees with the reference), high is head-like. 0 for
+            an example never visited.
+        visits : Tensor, shape (memory_size,), int32
+            How many scored steps included the example.
+
+        Both are detached copies. Raises RuntimeError when the memory is off.
+
+        Examples
+        --------
+        >>> import torch
+        >>> gt = GradTail(torch.nn.Linear(3, 2), memory_size=10)
+        >>> score, visits = gt.memory_scores()
+        >>> score.shape, int(visits.sum())
+        (torch.Size([10]), 0)
+        """
+        if self.memory is None:
+            raise RuntimeError(
+                "This GradTail keeps no per-example memory: construct it with memory_size=<number of "
+                "training examples> and pass index= to weights()/backward()."
+            )
+        return self.memory.score.detach().clone(), self.memory.visits.detach().clone()
+
     def state_dict(self) -> dict[str, Any]:
         """The reference state and the options that shape it, as tensors and numbers.
+
+        With the per-example memory on, ``memory_score`` and ``memory_visits`` (shape
+        (memory_size,)) and ``memory_decay`` are included.
 
         Examples
         --------
@@ -392,13 +526,18 @@ class GradTail:
         >>> sorted(GradTail(torch.nn.Linear(3, 2)).state_dict())
         ['count', 'decay', 'mean', 'reference', 'total']
         """
-        return {
+        out: dict[str, Any] = {
             "mean": [[t.clone() for t in layer] for layer in self.state.mean],
             "total": self.state.total.clone(),
             "count": self.state.count.clone(),
             "decay": self.decay,
             "reference": self.reference,
         }
+        if self.memory is not None:
+            out["memory_score"] = self.memory.score.clone()
+            out["memory_visits"] = self.memory.visits.clone()
+            out["memory_decay"] = self.memory_decay
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by `state_dict`, on the tracked layers' devices.
@@ -422,6 +561,7 @@ class GradTail:
                 f"The state was built with reference={state_dict['reference']!r} but this GradTail uses "
                 f"reference={self.reference!r}."
             )
+        memory = self._loaded_memory(state_dict)
         self.state = EMAState(
             mean=[
                 tuple(t.to(device=c.device, dtype=c.dtype) for t, c in zip(layer, cur, strict=True))
@@ -431,6 +571,36 @@ class GradTail:
             count=state_dict["count"].to(device=self.state.count.device, dtype=self.state.count.dtype),
         )
         self.decay = float(state_dict.get("decay", self.decay))
+        if memory is not None:
+            self.memory = memory
+            self.memory_decay = float(state_dict.get("memory_decay", self.memory_decay))
+
+    def _loaded_memory(self, state_dict: dict[str, Any]) -> MemoryState | None:
+        has = "memory_score" in state_dict
+        if self.memory is None:
+            if has:
+                raise ValueError(
+                    "The state holds a per-example memory but this GradTail has none: construct it with "
+                    f"memory_size={len(state_dict['memory_score'])}."
+                )
+            return None
+        if not has or "memory_visits" not in state_dict:
+            raise ValueError(
+                f"This GradTail keeps a per-example memory (memory_size={self.memory.score.shape[0]}) but "
+                f"the state has none; Received: keys {sorted(state_dict)}."
+            )
+        score, visits = state_dict["memory_score"], state_dict["memory_visits"]
+        expected = tuple(self.memory.score.shape)
+        if tuple(score.shape) != expected or tuple(visits.shape) != expected:
+            raise ValueError(
+                f"`memory_score` and `memory_visits` must have shape {expected} (memory_size); Received: "
+                f"shapes {tuple(score.shape)} and {tuple(visits.shape)}."
+            )
+        ref = self.memory
+        return MemoryState(
+            score=score.to(device=ref.score.device, dtype=ref.score.dtype).clone(),
+            visits=visits.to(device=ref.visits.device, dtype=ref.visits.dtype).clone(),
+        )
 
 
 class _EagerLayers:
@@ -449,6 +619,22 @@ class _EagerLayers:
             else:
                 layer.forward = original  # type: ignore[method-assign]
         self._saved = []
+
+
+def _validate_memory_options(size: Any, decay: Any, eta: Any, max_weight: Any) -> None:
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(
+            "`memory_size` must be None (off) or a positive int, the number of training examples; "
+            f"Received: memory_size={size!r}."
+        )
+    if not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
+        raise ValueError(f"`memory_decay` must lie in [0, 1); Received: memory_decay={decay!r}.")
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta < float("inf")):
+        raise ValueError(f"`memory_eta` must be a finite number >= 0; Received: memory_eta={eta!r}.")
+    if not (isinstance(max_weight, (int, float)) and 1.0 <= max_weight < float("inf")):
+        raise ValueError(
+            f"`memory_max_weight` must be a finite number >= 1; Received: memory_max_weight={max_weight!r}."
+        )
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
