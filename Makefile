@@ -5,11 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned (2.13.0, a CPU build on local disk) through the `torch` extra.
-EXTRAS := torch,jax,optax,test,lint,bench
+EXTRAS := torch,jax,optax,keras,test,lint,bench,docs
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv test lint typecheck unit demo bench docs-figures gpu-check clean
+.PHONY: venv test lint typecheck unit docs demo bench docs-figures gpu-check clean
 
 venv: $(STAMP)
 
@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# ruff (lint and format) and mypy (typecheck).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 typecheck: venv
 	$(BIN)/mypy
@@ -30,7 +32,11 @@ typecheck: venv
 unit: venv
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
-test: lint typecheck unit
+# The documentation site (mkdocs.yml): a strict build (any warning fails) into site/.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs unit
 
 # The main job: GradTail against uniform and inverse-frequency weighting on Fashion-MNIST-LT
 # (installs Debian's dataset-fashion-mnist when run as root with apt-get; digits-LT otherwise).
@@ -53,4 +59,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

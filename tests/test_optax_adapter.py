@@ -554,7 +554,7 @@ def test_import_error_names_the_extra():
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
-    assert "pip install gradtail[optax]" in result.stdout, result.stdout + result.stderr
+    assert "pip install 'gradtail[optax]'" in result.stdout, result.stdout + result.stderr
 
 
 def test_public_api():

@@ -17,9 +17,7 @@ try:
     import jax  # noqa: F401
     import optax  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
-    raise ImportError(
-        "gradtail_optax needs JAX and optax. Install them with `pip install gradtail[optax]`."
-    ) from exc
+    raise ImportError(f"gradtail_optax needs JAX and optax: pip install 'gradtail[optax]' ({exc})") from exc
 
 from ._head import head_init, head_weights, loss_and_output_grads
 from ._transform import GradTailState, gradtail

@@ -6,7 +6,7 @@
 try:
     import torch  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised by the packaging test
-    raise ImportError("gradtail_torch needs PyTorch. Install it with `pip install gradtail[torch]`.") from exc
+    raise ImportError(f"gradtail_torch needs PyTorch: pip install 'gradtail[torch]' ({exc})") from exc
 
 from .hook import GradTail
 
