@@ -153,7 +153,7 @@ def score_and_update(
         Per-example gradients of the scored parameters.
     decay : float or array of shape (), optional
         EMA decay in [0, 1]. Defaults to 0.99 (``defaults.DEFAULT_DECAY``).
-    reference : {"mean", "direction"}, optional
+    reference : {"direction", "mean"}, optional
         What the EMA averages: the plain batch-mean gradient, or the batch mean of the
         unit-normalised per-example gradients (counts examples, not gradient mass).
         Defaults to "direction" (``defaults.DEFAULT_REFERENCE``).

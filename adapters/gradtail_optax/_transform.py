@@ -222,7 +222,7 @@ def gradtail(
     decay : float or callable, optional
         EMA decay of the reference in [0, 1], or an optax-style schedule ``count -> decay``
         evaluated at the state's step count. Defaults to ``gradtail_ops.DEFAULT_DECAY`` (0.99).
-    reference : {"mean", "direction"}, optional
+    reference : {"direction", "mean"}, optional
         EMA of the plain batch-mean gradient, or of the batch mean of unit-normalised
         per-example gradients. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
     warmup_steps : int, optional
