@@ -419,6 +419,16 @@ def logs_history_validation_and_no_jax_sync() -> None:
     assert "gradtail" not in model.metrics_names
     model.evaluate(x, y, verbose=0)
     model.fit(x, y, epochs=1, verbose=0)
+    # Repeated fits reuse the callback's step function (no recompiling) and restore the plain one.
+    plain_fn = model.train_function
+    cb = GradTailCallback()
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[cb])
+    assert cb._step_cache is not None
+    gt_fn = cb._step_cache["functions"]["train_function"]
+    assert model.train_function is plain_fn
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[cb])
+    assert cb._step_cache["functions"]["train_function"] is gt_fn
+    assert int(cb.get_state()["count"]) == 2 * 6  # 192 examples, batches of 32, two fits
 
 
 @check("api")

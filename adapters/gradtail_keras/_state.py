@@ -53,10 +53,8 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         self.reference_bias = add((units,), "zeros", name="reference_bias") if use_bias else None
         self.total = add((), "zeros", name="total")
         self.count = add((), "zeros", dtype="int32", name="count")
-        self.weight_sum = add((), "zeros", name="weight_sum")
-        self.upweighted_sum = add((), "zeros", name="upweighted_sum")
-        self.alignment_sum = add((), "zeros", name="alignment_sum")
-        self.examples = add((), "zeros", name="examples")
+        # Epoch sums in one variable (one update per step): weights, upweighted, alignments, examples.
+        self.log_sums = add((4,), "zeros", name="log_sums")
 
     # ------------------------------------------------------------------------ reference
     def ema_state(self) -> EMAState:
@@ -80,17 +78,14 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         """Add one batch's weights and alignments (shape (B,)) to the epoch's log sums."""
         weights = ops.cast(weights, "float32")
         alignment = ops.cast(alignment, "float32")
-        above = weights > ops.mean(weights) * (1.0 + _UPWEIGHT_MARGIN)
-        finite = ops.isfinite(alignment)
-        self.weight_sum.assign_add(ops.sum(weights))
-        self.upweighted_sum.assign_add(ops.sum(ops.cast(above, "float32")))
-        self.alignment_sum.assign_add(ops.sum(ops.where(finite, alignment, ops.zeros_like(alignment))))
-        self.examples.assign_add(ops.cast(ops.shape(weights)[0], "float32"))
+        above = ops.cast(weights > ops.mean(weights) * (1.0 + _UPWEIGHT_MARGIN), "float32")
+        alignment = ops.where(ops.isfinite(alignment), alignment, ops.zeros_like(alignment))
+        rows = ops.stack([weights, above, alignment, ops.ones_like(weights)])  # (4, B)
+        self.log_sums.assign_add(ops.sum(rows, axis=1))
 
     def reset_state(self) -> None:
         """Clear the log sums (each epoch); the reference is kept."""
-        for variable in (self.weight_sum, self.upweighted_sum, self.alignment_sum, self.examples):
-            variable.assign(ops.zeros((), dtype=variable.dtype))
+        self.log_sums.assign(ops.zeros((4,), dtype=self.log_sums.dtype))
 
     def reset_reference(self) -> None:
         """Forget the reference: zero mean, ``total = 0``, ``count = 0``."""
@@ -100,11 +95,11 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
 
     def result(self) -> dict[str, Any]:
         """Mean weight, share of upweighted examples and mean alignment since the epoch began."""
-        n = self.examples.value
+        means = ops.divide_no_nan(self.log_sums.value[:3], self.log_sums.value[3])
         return {
-            "gradtail_weight_mean": ops.divide_no_nan(self.weight_sum.value, n),
-            "gradtail_upweighted": ops.divide_no_nan(self.upweighted_sum.value, n),
-            "gradtail_alignment": ops.divide_no_nan(self.alignment_sum.value, n),
+            "gradtail_weight_mean": means[0],
+            "gradtail_upweighted": means[1],
+            "gradtail_alignment": means[2],
         }
 
     def get_config(self) -> dict[str, Any]:

@@ -30,6 +30,8 @@ __all__ = ["SUPPORTED_BACKENDS", "GradTailCallback"]
 #: Keras backends the callback runs on (the core needs an Array API library: JAX or PyTorch).
 SUPPORTED_BACKENDS: tuple[str, ...] = ("jax", "torch")
 _METHODS = ("auto", "ghost", "materialize")
+# The model's compiled step functions that the callback swaps in and out around each fit.
+_STEP_FUNCTIONS = ("train_function", "test_function")
 
 
 class _Capture:
@@ -149,6 +151,8 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._dense: keras.layers.Dense | None = None
         self._capture = _Capture()
         self._attached: dict[str, Any] | None = None
+        self._step_cache: dict[str, Any] | None = None
+        self._step_key: tuple[int, ...] = ()
         self._ran = False
 
     # ------------------------------------------------------------------------ config
@@ -445,11 +449,32 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         object.__setattr__(dense, "call", call)
         object.__setattr__(model, "compute_loss", compute_loss)
         model._metrics.append(self.state)
-        self._attached = {"model": model, "dense": dense, "call": original_call, "loss": original_loss}
-        # Rebuild the step functions so that they trace the wrapped methods and thread the new
-        # metric variables (fit looks the train function up again at every step).
-        model.test_function = None
-        model.make_train_function(force=True)
+        plain = {name: getattr(model, name, None) for name in _STEP_FUNCTIONS}
+        self._attached = {
+            "model": model,
+            "dense": dense,
+            "call": original_call,
+            "loss": original_loss,
+            "plain": plain,
+        }
+        # The step functions must trace the wrapped methods and thread the new metric variables
+        # (fit looks the train function up again at every step). The ones built by an earlier fit
+        # of this callback are reused while the model is unchanged (same compile, layer and loss),
+        # so repeated fit calls do not recompile; otherwise they are rebuilt.
+        key = (id(model), id(model.optimizer), id(model._compile_loss), id(dense), id(loss))
+        cached = self._step_cache
+        reuse = (
+            cached is not None
+            and cached["key"] == key
+            and all(plain[name] is cached["restored"][name] for name in _STEP_FUNCTIONS)
+        )
+        for name in _STEP_FUNCTIONS:
+            setattr(model, name, cached["functions"][name] if reuse and cached is not None else None)
+        if model.train_function is None:
+            model.make_train_function(force=True)
+        self._step_key = key
+        # A reused function went through the wrapped compute_loss when it was traced.
+        self._ran = bool(reuse and cached is not None and cached["verified"])
 
     def _detach(self) -> None:
         attached, self._attached = self._attached, None
@@ -466,8 +491,15 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 object.__setattr__(obj, name, original)
         if self.state is not None and any(m is self.state for m in model._metrics):
             model._metrics[:] = [m for m in model._metrics if m is not self.state]
-        model.train_function = None
-        model.test_function = None
+        functions = {name: getattr(model, name, None) for name in _STEP_FUNCTIONS}
+        for name in _STEP_FUNCTIONS:
+            setattr(model, name, attached["plain"][name])
+        self._step_cache = {
+            "key": self._step_key,
+            "functions": functions,
+            "restored": attached["plain"],
+            "verified": self._ran,
+        }
         self._capture.clear()
 
     # -------------------------------------------------------------------------- step

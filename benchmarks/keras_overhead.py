@@ -1,0 +1,235 @@
+"""``model.fit`` epoch time with ``gradtail_keras.GradTailCallback`` against without, per Keras backend.
+
+For each backend (``torch``, ``jax``; one subprocess each, as Keras fixes its backend at import)
+two copies of one model start from the same weights: an MLP 784 -> 512 -> 256 -> 10 (ReLU, softmax
+head, the tracked layer), Adam, sparse categorical cross-entropy, batch 128, on random data with
+long-tailed labels. After a warm-up epoch each (it compiles the step on JAX), ``fit(epochs=1)``
+calls of the two alternate, the order rotating every round; each reports the median epoch
+time. The target: the callback's epoch at most 1.2x the plain one (issue #5). The callback runs
+with the library defaults; Keras' progress bar is off (``verbose=0``) in both.
+
+Usage::
+
+    .venv/bin/python benchmarks/keras_overhead.py            # full run (both backends), a few minutes
+    .venv/bin/python benchmarks/keras_overhead.py --quick    # smoke run, < 60 s
+    .venv/bin/python benchmarks/render_tables.py             # the table into docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+for _p in (REPO, REPO / "adapters"):  # run from a checkout without installing
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from benchmarks import _meta  # noqa: E402
+
+BENCHMARK = "keras_overhead"
+SCHEMA_VERSION = 1
+DEFAULT_OUT = Path("benchmarks/results/keras_overhead.json")
+QUICK_OUT = Path("results/keras_overhead_quick.json")
+BACKENDS = ("torch", "jax")
+SIZES = (784, 512, 256, 10)
+TARGET = {"op": "<=", "value": 1.2, "text": "fit epoch with GradTailCallback / without <= 1.2"}
+TIMING_METHOD = (
+    "one fit(epochs=1, verbose=0) call per model and round, perf_counter around the call; the two "
+    "models alternate with the order rotating each round, after one untimed warm-up epoch each; "
+    "median over rounds. Paired: median over rounds of the per-round ratio; min-based: ratio of the "
+    "fastest epochs. One process per backend, one intra-op thread."
+)
+
+
+def _passes(value: float | None) -> bool | None:
+    return None if value is None else bool(value <= TARGET["value"])
+
+
+def check(value: float, min_based: float, paired: float) -> dict[str, Any]:
+    """The verdict on the ratio of medians; noise-bound when a robust ratio lands on the other side."""
+    passed = _passes(value)
+    others = {_passes(min_based), _passes(paired)} - {None}
+    return {
+        "name": "epoch_ratio",
+        "value": value,
+        "target": dict(TARGET),
+        "passed": passed,
+        "min_based": min_based,
+        "paired": paired,
+        "noise_bound": bool(others - {passed}),
+    }
+
+
+# ------------------------------------------------------------------------------ worker
+def worker(opts: argparse.Namespace) -> dict[str, Any]:
+    """Time both models on this process's backend (KERAS_BACKEND is set by the parent)."""
+    import numpy as np
+
+    if os.environ["KERAS_BACKEND"] == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+    import keras
+
+    from gradtail_keras import GradTailCallback
+
+    rng = np.random.default_rng(opts.seed)
+    x = rng.normal(size=(opts.examples, SIZES[0])).astype("float32")
+    freq = 0.5 ** np.arange(SIZES[-1])  # long-tailed labels: each class half as frequent as the last
+    y = rng.choice(SIZES[-1], size=opts.examples, p=freq / freq.sum()).astype("int32")
+
+    def build() -> Any:
+        keras.utils.set_random_seed(opts.seed)
+        layers = [keras.Input((SIZES[0],))]
+        layers += [keras.layers.Dense(n, activation="relu") for n in SIZES[1:-1]]
+        layers += [keras.layers.Dense(SIZES[-1], activation="softmax")]
+        model = keras.Sequential(layers)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+        return model
+
+    models = {"plain": build(), "gradtail": build()}
+    callbacks: dict[str, list[Any]] = {"plain": [], "gradtail": [GradTailCallback()]}
+
+    def epoch(name: str) -> float:
+        start = time.perf_counter()
+        models[name].fit(x, y, batch_size=opts.batch, epochs=1, verbose=0, callbacks=callbacks[name])
+        return time.perf_counter() - start
+
+    first = {name: epoch(name) for name in models}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for r in range(opts.repeats):
+        for name in names[r % 2 :] + names[: r % 2]:
+            times[name].append(epoch(name))
+    plain, gradtail = times["plain"], times["gradtail"]
+    ratio = statistics.median(gradtail) / statistics.median(plain)
+    paired = statistics.median(g / p for g, p in zip(gradtail, plain, strict=True))
+    min_based = min(gradtail) / min(plain)
+    state = callbacks["gradtail"][0].get_state()
+    backend_lib = "torch" if keras.backend.backend() == "torch" else "jax"
+    lib = __import__(backend_lib)
+    return {
+        "backend": keras.backend.backend(),
+        "versions": {"keras": keras.__version__, backend_lib: lib.__version__, "numpy": np.__version__},
+        "steps_per_epoch": -(-opts.examples // opts.batch),
+        "first_epoch_seconds": first,
+        "seconds": {name: statistics.median(t) for name, t in times.items()},
+        "seconds_min": {name: min(t) for name, t in times.items()},
+        "seconds_all": times,
+        "repeats": opts.repeats,
+        "ratio": ratio,
+        "ratio_paired": paired,
+        "ratio_min_based": min_based,
+        "reference_updates": int(state["count"]),
+        "checks": [check(ratio, min_based, paired)],
+    }
+
+
+# ------------------------------------------------------------------------------ parent
+def run_backend(backend: str, opts: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS="1")
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip()
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        check=False,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{backend} worker failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return dict(json.loads(lines[-1][len("RESULT ") :]))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="fit epoch time with gradtail_keras.GradTailCallback vs without, per Keras backend.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="fewer examples and rounds: < 60 s")
+    _meta.add_out_argument(p, DEFAULT_OUT, QUICK_OUT)
+    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated Keras backends")
+    p.add_argument("--examples", type=int, default=None, help="training examples (default 8192; quick 2048)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9; quick 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.examples is None:
+        args.examples = 2048 if args.quick else 8192
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 9
+    _meta.resolve_out(args, DEFAULT_OUT, QUICK_OUT)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_args(raw)
+    if opts.worker:
+        print("RESULT " + json.dumps(worker(opts)), flush=True)
+        return 0
+    load_before = _meta.load_average()
+    started = time.perf_counter()
+    results = []
+    for backend in opts.backends:
+        entry = run_backend(backend, opts, raw)
+        results.append(entry)
+        s = entry["seconds"]
+        print(
+            f"{backend:6s} plain {s['plain']:.3f} s, GradTail {s['gradtail']:.3f} s per epoch: "
+            f"x{entry['ratio']:.3f} (paired x{entry['ratio_paired']:.3f}, min-based "
+            f"x{entry['ratio_min_based']:.3f})",
+            flush=True,
+        )
+    load_after = _meta.load_average()
+    versions: dict[str, str] = {}
+    for entry in results:
+        versions.update(entry.pop("versions"))
+    machine = _meta.machine_info(
+        versions,
+        git=_meta.git_state({"gradtail_ops_dirty": ("gradtail_ops", "adapters/gradtail_keras")}),
+        fields={"threads": _meta.threads_info(1, torch="torch.set_num_threads(1)", xla="1 thread")},
+    ) | _meta.load_fields(load_before, load_after)
+    checks = [c for r in results for c in r["checks"]]
+    doc = {
+        **_meta.run_header(BENCHMARK, SCHEMA_VERSION, _meta.command_line(argv)),
+        "quick": opts.quick,
+        "examples": opts.examples,
+        "batch": opts.batch,
+        "repeats": opts.repeats,
+        "seed": opts.seed,
+        "dtype": "float32",
+        "wall_seconds": time.perf_counter() - started,
+        "machine": machine,
+        "model": {
+            "layers": "->".join(str(s) for s in SIZES) + " (ReLU, softmax head)",
+            "optimizer": "Adam(1e-3)",
+            "loss": "sparse_categorical_crossentropy",
+            "gradtail": "GradTailCallback() with the library defaults; tracks the 256x10 head",
+        },
+        "method": {"timing": TIMING_METHOD},
+        "results": results,
+        "summary": _meta.check_summary(checks),
+    }
+    _meta.write_json(opts.out, doc)
+    _meta.print_closing(doc, opts.out, load_before, load_after)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
