@@ -328,6 +328,32 @@ def render_section(memory_doc: dict[str, Any], summaries: Sequence[dict[str, Any
                 f"| {_pm(_paired(runs, d, m, 'gradtail', 'val_late_balanced_accuracy')) if vs_gt else 'n/a'} "
                 f"| {_pm(_paired(runs, d, m, 'uniform', 'few'))} |"
             )
+    for d in datasets:
+        candidates = [
+            m
+            for m in methods
+            if m in MEMORY_METHODS and _paired(runs, d, m, "gradtail", "val_late_balanced_accuracy")
+        ]
+        if not candidates:
+            continue
+        val = {
+            m: float(np.mean(_paired(runs, d, m, "gradtail", "val_late_balanced_accuracy")))
+            for m in candidates
+        }
+        best = max(candidates, key=lambda m: val[m])
+        diffs = np.asarray(_paired(runs, d, best, "gradtail", "late_balanced_accuracy"))
+        test = float(diffs.mean())
+        sem = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
+        if abs(test) <= sem:
+            verdict = "within the seed noise (standard error " + f"{sem:.2f} pp): no measurable effect"
+        elif test > 0:
+            verdict = f"better (standard error {sem:.2f} pp)"
+        else:
+            verdict = f"worse (standard error {sem:.2f} pp)"
+        out.append(
+            f"\n{d}: chosen on validation, {best} ({val[best]:+.2f} pp on validation vs per-batch "
+            f"GradTail); on test it is {test:+.2f} pp vs per-batch GradTail, {verdict}."
+        )
     seeds_all = sorted({r["seed"] for r in runs})
     out += [
         "",
