@@ -41,6 +41,7 @@ class Batch:
     logits: torch.Tensor
     y: torch.Tensor
     step: int
+    index: torch.Tensor | None = None
 
 
 class Weighting:
@@ -145,6 +146,29 @@ class GradTailWeighting(Weighting):
         self.gt.remove()
 
 
+class GradTailMemoryWeighting(GradTailWeighting):
+    """GradTail with the per-example memory (``memory_size`` = the training-set size, from
+    the class counts' sum): weights from each example's running alignment score over its
+    visits (``gradtail_ops.memory_update``); needs the batch's example indices."""
+
+    def __init__(self, ctx: Context, **options: Any) -> None:
+        super().__init__(ctx, **({"memory_size": int(np.sum(ctx.counts))} | options))
+
+    @staticmethod
+    def _index(batch: Batch) -> torch.Tensor:
+        if batch.index is None:
+            raise ValueError(
+                "GradTail's memory needs the batch's example indices; Received: Batch(index=None)."
+            )
+        return batch.index
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        return self.gt.backward(batch.loss, index=self._index(batch))
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        return self.gt.weights(batch.loss, index=self._index(batch))
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -205,6 +229,22 @@ _ALL = (
         "GradTail(model): every nn.Linear scored jointly, library defaults, one-epoch warm-up",
         GradTailWeighting,
         gradtail=True,
+    ),
+    Method(
+        "gradtail_memory",
+        "GradTail + per-example memory",
+        "as gradtail, but each example's weight comes from the EMA over its visits of its "
+        "batch-standardised alignment: clip(exp(-m), 1/3, 3), batch mean 1 (memory_decay 0.5)",
+        GradTailMemoryWeighting,
+        gradtail=True,
+    ),
+    Method(
+        "gradtail_memory_slow",
+        "GradTail + per-example memory, decay 0.8",
+        "as gradtail_memory with memory_decay 0.8 (a longer memory) and eta 1.5",
+        lambda ctx, **o: GradTailMemoryWeighting(ctx, **({"memory_decay": 0.8, "memory_eta": 1.5} | o)),
+        gradtail=True,
+        options={"memory_decay": 0.8, "memory_eta": 1.5},
     ),
     Method(
         "gradtail_mean",

@@ -134,7 +134,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y, reduction="none")
-            w = weighting.backward(Batch(loss, logits, y, global_step))
+            w = weighting.backward(Batch(loss, logits, y, global_step, index=idx))
             opt.step()
             train_seconds += time.perf_counter() - t0
             scores = weighting.scores()
