@@ -1,12 +1,14 @@
 """``model.fit`` epoch time with ``gradtail_keras.GradTailCallback`` against without, per Keras backend.
 
 For each backend (``torch``, ``jax``; one subprocess each, as Keras fixes its backend at import)
-two copies of one model start from the same weights: an MLP 784 -> 512 -> 256 -> 10 (ReLU, softmax
-head, the tracked layer), Adam, sparse categorical cross-entropy, batch 128, on random data with
-long-tailed labels. After a warm-up epoch each (it compiles the step on JAX), ``fit(epochs=1)``
-calls of the two alternate, the order rotating every round; each reports the median epoch
-time. The target: the callback's epoch at most 1.2x the plain one (issue #5). The callback runs
-with the library defaults; Keras' progress bar is off (``verbose=0``) in both.
+and each of two MLPs (ReLU, softmax head: the tracked layer), two copies of the model start from
+the same weights: ``mlp_512x1000``, 784 -> 1024 -> 1024 -> 512 -> 1000, the model of the torch
+and JAX overhead benchmarks, and ``mlp_small``, 784 -> 512 -> 256 -> 10, where the callback's
+fixed cost weighs more. Adam, sparse categorical cross-entropy, batch 128, random inputs with
+long-tailed (Zipf) labels. After a warm-up epoch each (it compiles the step on JAX),
+``fit(epochs=1)`` calls of the two alternate, the order rotating every round; each reports the
+median epoch time. The target: the callback's epoch at most 1.2x the plain one (issue #5). The
+callback runs with the library defaults; Keras' progress bar is off (``verbose=0``) in both.
 
 Usage::
 
@@ -40,7 +42,7 @@ SCHEMA_VERSION = 1
 DEFAULT_OUT = Path("benchmarks/results/keras_overhead.json")
 QUICK_OUT = Path("results/keras_overhead_quick.json")
 BACKENDS = ("torch", "jax")
-SIZES = (784, 512, 256, 10)
+MODELS = {"mlp_512x1000": (784, 1024, 1024, 512, 1000), "mlp_small": (784, 512, 256, 10)}
 TARGET = {"op": "<=", "value": 1.2, "text": "fit epoch with GradTailCallback / without <= 1.2"}
 TIMING_METHOD = (
     "one fit(epochs=1, verbose=0) call per model and round, perf_counter around the call; the two "
@@ -80,18 +82,31 @@ def worker(opts: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(1)
     import keras
 
+    backend_lib = "torch" if keras.backend.backend() == "torch" else "jax"
+    lib = __import__(backend_lib)
+    versions = {"keras": keras.__version__, backend_lib: lib.__version__, "numpy": np.__version__}
+    return {
+        "versions": versions,
+        "results": [time_model(opts, name, sizes) for name, sizes in MODELS.items()],
+    }
+
+
+def time_model(opts: argparse.Namespace, name: str, sizes: Sequence[int]) -> dict[str, Any]:
+    import keras
+    import numpy as np
+
     from gradtail_keras import GradTailCallback
 
     rng = np.random.default_rng(opts.seed)
-    x = rng.normal(size=(opts.examples, SIZES[0])).astype("float32")
-    freq = 0.5 ** np.arange(SIZES[-1])  # long-tailed labels: each class half as frequent as the last
-    y = rng.choice(SIZES[-1], size=opts.examples, p=freq / freq.sum()).astype("int32")
+    x = rng.normal(size=(opts.examples, sizes[0])).astype("float32")
+    freq = 1.0 / np.arange(1, sizes[-1] + 1)  # long-tailed (Zipf) labels
+    y = rng.choice(sizes[-1], size=opts.examples, p=freq / freq.sum()).astype("int32")
 
     def build() -> Any:
         keras.utils.set_random_seed(opts.seed)
-        layers = [keras.Input((SIZES[0],))]
-        layers += [keras.layers.Dense(n, activation="relu") for n in SIZES[1:-1]]
-        layers += [keras.layers.Dense(SIZES[-1], activation="softmax")]
+        layers = [keras.Input((sizes[0],))]
+        layers += [keras.layers.Dense(n, activation="relu") for n in sizes[1:-1]]
+        layers += [keras.layers.Dense(sizes[-1], activation="softmax")]
         model = keras.Sequential(layers)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
         return model
@@ -99,31 +114,31 @@ def worker(opts: argparse.Namespace) -> dict[str, Any]:
     models = {"plain": build(), "gradtail": build()}
     callbacks: dict[str, list[Any]] = {"plain": [], "gradtail": [GradTailCallback()]}
 
-    def epoch(name: str) -> float:
+    def epoch(variant: str) -> float:
         start = time.perf_counter()
-        models[name].fit(x, y, batch_size=opts.batch, epochs=1, verbose=0, callbacks=callbacks[name])
+        models[variant].fit(x, y, batch_size=opts.batch, epochs=1, verbose=0, callbacks=callbacks[variant])
         return time.perf_counter() - start
 
-    first = {name: epoch(name) for name in models}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
+    first = {variant: epoch(variant) for variant in models}
+    times: dict[str, list[float]] = {variant: [] for variant in models}
+    order = list(models)
     for r in range(opts.repeats):
-        for name in names[r % 2 :] + names[: r % 2]:
-            times[name].append(epoch(name))
+        for variant in order[r % 2 :] + order[: r % 2]:
+            times[variant].append(epoch(variant))
     plain, gradtail = times["plain"], times["gradtail"]
     ratio = statistics.median(gradtail) / statistics.median(plain)
     paired = statistics.median(g / p for g, p in zip(gradtail, plain, strict=True))
     min_based = min(gradtail) / min(plain)
     state = callbacks["gradtail"][0].get_state()
-    backend_lib = "torch" if keras.backend.backend() == "torch" else "jax"
-    lib = __import__(backend_lib)
     return {
         "backend": keras.backend.backend(),
-        "versions": {"keras": keras.__version__, backend_lib: lib.__version__, "numpy": np.__version__},
+        "model": name,
+        "layers": "->".join(str(n) for n in sizes),
+        "head": f"{sizes[-2]}x{sizes[-1]}",
         "steps_per_epoch": -(-opts.examples // opts.batch),
         "first_epoch_seconds": first,
-        "seconds": {name: statistics.median(t) for name, t in times.items()},
-        "seconds_min": {name: min(t) for name, t in times.items()},
+        "seconds": {variant: statistics.median(t) for variant, t in times.items()},
+        "seconds_min": {variant: min(t) for variant, t in times.items()},
         "seconds_all": times,
         "repeats": opts.repeats,
         "ratio": ratio,
@@ -162,7 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer examples and rounds: < 60 s")
     _meta.add_out_argument(p, DEFAULT_OUT, QUICK_OUT)
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated Keras backends")
-    p.add_argument("--examples", type=int, default=None, help="training examples (default 8192; quick 2048)")
+    p.add_argument("--examples", type=int, default=None, help="training examples (default 4096; quick 1024)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9; quick 3)")
     p.add_argument("--seed", type=int, default=0)
@@ -170,9 +185,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.examples is None:
-        args.examples = 2048 if args.quick else 8192
+        args.examples = 1024 if args.quick else 4096
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 9
+        args.repeats = 3 if args.quick else 7
     _meta.resolve_out(args, DEFAULT_OUT, QUICK_OUT)
     return args
 
@@ -185,21 +200,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     load_before = _meta.load_average()
     started = time.perf_counter()
-    results = []
-    for backend in opts.backends:
-        entry = run_backend(backend, opts, raw)
-        results.append(entry)
-        s = entry["seconds"]
-        print(
-            f"{backend:6s} plain {s['plain']:.3f} s, GradTail {s['gradtail']:.3f} s per epoch: "
-            f"x{entry['ratio']:.3f} (paired x{entry['ratio_paired']:.3f}, min-based "
-            f"x{entry['ratio_min_based']:.3f})",
-            flush=True,
-        )
-    load_after = _meta.load_average()
+    results: list[dict[str, Any]] = []
     versions: dict[str, str] = {}
-    for entry in results:
-        versions.update(entry.pop("versions"))
+    for backend in opts.backends:
+        out = run_backend(backend, opts, raw)
+        versions.update(out["versions"])
+        for entry in out["results"]:
+            results.append(entry)
+            s = entry["seconds"]
+            print(
+                f"{backend:6s} {entry['model']:13s} plain {s['plain']:.3f} s, GradTail {s['gradtail']:.3f} s "
+                f"per epoch: x{entry['ratio']:.3f} (paired x{entry['ratio_paired']:.3f}, min-based "
+                f"x{entry['ratio_min_based']:.3f})",
+                flush=True,
+            )
+    load_after = _meta.load_average()
     machine = _meta.machine_info(
         versions,
         git=_meta.git_state({"gradtail_ops_dirty": ("gradtail_ops", "adapters/gradtail_keras")}),
@@ -217,10 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_seconds": time.perf_counter() - started,
         "machine": machine,
         "model": {
-            "layers": "->".join(str(s) for s in SIZES) + " (ReLU, softmax head)",
+            "layers": {name: "->".join(str(n) for n in sizes) for name, sizes in MODELS.items()},
+            "activations": "ReLU, softmax head",
             "optimizer": "Adam(1e-3)",
             "loss": "sparse_categorical_crossentropy",
-            "gradtail": "GradTailCallback() with the library defaults; tracks the 256x10 head",
+            "gradtail": "GradTailCallback() with the library defaults, tracking the head",
         },
         "method": {"timing": TIMING_METHOD},
         "results": results,

@@ -449,6 +449,10 @@ def unsupported_models_fail_at_fit_start() -> None:
         def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
             return keras.ops.mean(y_pred)
 
+    class OwnDense(keras.layers.Dense):
+        def call(self, x, training=None):
+            return super().call(x) * 1.0
+
     own = OwnLoss(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
     own.compile(optimizer="sgd")
     cases = [
@@ -464,6 +468,7 @@ def unsupported_models_fail_at_fit_start() -> None:
             "produce the model's output",
         ),
         (own, {}, "overriding compute_loss"),
+        (build(OwnDense(3, activation="softmax")(hidden)), {}, "a Dense subclass with its own call"),
     ]
     two = keras.Model(
         inputs, [keras.layers.Dense(3, activation="softmax")(hidden), keras.layers.Dense(1)(hidden)]

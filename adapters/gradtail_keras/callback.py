@@ -35,9 +35,9 @@ _STEP_FUNCTIONS = ("train_function", "test_function")
 
 
 class _Capture:
-    """What the tracked layer saw since the last loss computation (inputs and output)."""
+    """What the tracked layer saw since the last loss computation: inputs, pre-activation, output."""
 
-    __slots__ = ("calls", "inputs", "output")
+    __slots__ = ("calls", "inputs", "output", "preactivation")
 
     def __init__(self) -> None:
         self.clear()
@@ -45,6 +45,7 @@ class _Capture:
     def clear(self) -> None:
         self.calls = 0
         self.inputs: Any = None
+        self.preactivation: Any = None
         self.output: Any = None
 
 
@@ -428,9 +429,17 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         capture = self._capture
 
         def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            output = bound_call(inputs, *args, **kwargs)
+            # Dense.call is matmul, bias, then activation: run it without the activation to keep
+            # the pre-activation z, then apply the activation exactly as Dense.call would.
+            activation = dense.__dict__.get("activation")
+            dense.__dict__["activation"] = None
+            try:
+                z = bound_call(inputs, *args, **kwargs)
+            finally:
+                dense.__dict__["activation"] = activation
+            output = z if activation is None else activation(z)
             capture.calls += 1
-            capture.inputs, capture.output = inputs, output
+            capture.inputs, capture.preactivation, capture.output = inputs, z, output
             return output
 
         original_loss = model.__dict__.get("compute_loss")
@@ -507,7 +516,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self, loss: keras.losses.Loss, dense: keras.layers.Dense, y: Any, y_pred: Any
     ) -> Any:
         capture = self._capture
-        calls, inputs, output = capture.calls, capture.inputs, capture.output
+        calls, inputs, z, output = capture.calls, capture.inputs, capture.preactivation, capture.output
         capture.clear()
         if calls != 1:
             raise RuntimeError(
@@ -525,10 +534,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._ran = True
         tracker = self.state
         assert tracker is not None
-        bias = None if dense.bias is None else dense.bias.value
-        weights, alignment, state = self._score(
-            loss, dense.activation, dense.kernel, bias, inputs, y, tracker.ema_state()
-        )
+        weights, alignment, state = self._score(loss, dense.activation, z, inputs, y, tracker.ema_state())
         tracker.assign_ema_state(state)
         tracker.update_state(weights, alignment)
         return weights
@@ -536,30 +542,25 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def _score(
         self,
         loss: keras.losses.Loss,
-        activation: Callable[[Any], Any],
-        kernel: Any,
-        bias: Any,
+        activation: Callable[[Any], Any] | None,
+        z: Any,
         inputs: Any,
         y: Any,
         state: EMAState,
     ) -> tuple[Any, Any, EMAState]:
         """Weights, alignments and new reference for one batch: a pure function of its arrays.
 
-        ``kernel`` (input_dim, units) and ``bias`` (units,) or None are the tracked layer's
-        parameters, ``inputs`` (B, ..., input_dim) what it received; the pre-activation output
-        is recomputed from them (one head-sized product) and differentiated through the
-        activation and the loss, per example, by the backend's autodiff.
+        ``inputs`` (B, ..., input_dim) and ``z`` (B, ..., units) are the tracked layer's input and
+        pre-activation output in this forward; ``z`` is differentiated through the activation and
+        the loss, per example, by the backend's autodiff (no gradient flows back from here).
         """
         a = ops.stop_gradient(ops.convert_to_tensor(inputs))
-        kernel = ops.stop_gradient(ops.convert_to_tensor(kernel))
-        z = ops.matmul(ops.cast(a, kernel.dtype), kernel)
-        if bias is not None:
-            z = z + ops.stop_gradient(ops.convert_to_tensor(bias))
+        z = ops.stop_gradient(z)
         dtype = loss.dtype or keras.backend.floatx()
         y_true = ops.convert_to_tensor(y, dtype=dtype)
 
         def per_example_loss(t: Any) -> Any:
-            return loss.call(y_true, ops.cast(activation(t), dtype))
+            return loss.call(y_true, ops.cast(t if activation is None else activation(t), dtype))
 
         d = output_grads(per_example_loss, z)
         if len(a.shape) > 3:  # (B, ..., T, d): one sequence axis, as the core expects
@@ -617,7 +618,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._capture.clear()
             model(ops.convert_to_tensor(x), training=True)
             capture = self._capture
-            inputs, calls = capture.inputs, capture.calls
+            inputs, z, calls = capture.inputs, capture.preactivation, capture.calls
             capture.clear()
             dense, tracker = self._dense, self.state
             assert dense is not None
@@ -627,22 +628,15 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                     f"The tracked layer must run once per forward; Received: {calls} calls for this `x`."
                 )
             loss = _resolve_loss(model)
-            bias = None if dense.bias is None else ops.convert_to_tensor(dense.bias)
 
-            def score(kernel: Any, bias: Any, inputs: Any, y: Any, state: EMAState) -> Any:
-                return self._score(loss, dense.activation, kernel, bias, inputs, y, state)
+            def score(z: Any, inputs: Any, y: Any, state: EMAState) -> Any:
+                return self._score(loss, dense.activation, z, inputs, y, state)
 
             if keras.backend.backend() == "jax":
                 import jax
 
                 score = jax.jit(score)
-            weights, _, state = score(
-                ops.convert_to_tensor(dense.kernel),
-                bias,
-                inputs,
-                ops.convert_to_tensor(y),
-                tracker.ema_state(),
-            )
+            weights, _, state = score(z, inputs, ops.convert_to_tensor(y), tracker.ema_state())
             if update:
                 tracker.assign_ema_state(state)
             return np.asarray(ops.convert_to_numpy(weights), dtype=np.float32)
@@ -744,6 +738,11 @@ def _resolve_layer(model: keras.Model, layer: keras.layers.Layer | str | None) -
         raise ValueError(
             f"GradTailCallback cannot track a quantized Dense; Received: layer {chosen.name!r} with "
             f"quantization_mode={chosen.quantization_mode!r}."
+        )
+    if type(chosen).call is not keras.layers.Dense.call or "activation" not in chosen.__dict__:
+        raise TypeError(
+            "GradTailCallback reads the pre-activation output of keras.layers.Dense.call; Received: "
+            f"{type(chosen).__name__} ({chosen.name!r}), a Dense subclass with its own call or activation."
         )
     if not chosen.built:
         raise ValueError(f"The tracked layer must be built; Received: unbuilt layer {chosen.name!r}.")
