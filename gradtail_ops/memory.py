@@ -346,7 +346,8 @@ def memory_weights(
     Returns
     -------
     array, shape (B,)
-        Finite positive weights in the memory's dtype, on its device.
+        Finite positive weights in the memory's dtype, on its device. Out-of-range indices
+        raise an IndexError, except under ``jax.jit``, where they get weight 1.
 
     Examples
     --------
