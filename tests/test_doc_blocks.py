@@ -110,18 +110,20 @@ SKIPPED = [b for p in ALL_PAGES for b in python_blocks(p) if b.skip_reason is no
 # The runner: executes the setup file and the blocks in one namespace, compiled with the page's
 # path and line numbers, so a traceback points at the page.
 RUNNER = r"""
-import json, sys, traceback
+import json, sys, time, traceback
 spec = json.load(sys.stdin)
 namespace = {"__name__": "__main__"}
 for item in spec:
     source = "\n" * (item["line"] - 1) + item["source"]
     print(f"--- running {item['page']}:{item['line']}", flush=True)  # the code's first line
+    start = time.perf_counter()
     try:
         exec(compile(source, item["page"], "exec"), namespace)
     except BaseException:
         traceback.print_exc()
         print(f"FAILED: the block at {item['page']}:{item['line']}", flush=True)
         sys.exit(1)
+    print(f"--- {item['page']}:{item['line']} took {time.perf_counter() - start:.1f} s", flush=True)
 print(f"ran {len(spec)} blocks", flush=True)
 """
 
