@@ -99,6 +99,7 @@ class Mined:
             "few_share_tail": float(few[self.tail].mean()),
             "few_share_head": float(few[self.head].mean()),
             "many_share_train": float(many.mean()),
+            "class_names": list(self.class_names),
             "many_share_tail": float(many[self.tail].mean()),
             "many_share_head": float(many[self.head].mean()),
             "few_share_lowest_decile": float(few[decile].mean()),
@@ -249,24 +250,23 @@ def save_grid(mined: Mined, path: Path, *, columns: int = 16) -> Path:
     k = len(mined.tail)
     rows_per_group = max(1, int(np.ceil(k / columns)))
     cols = min(columns, max(k, 1))
-    fig, axes = plt.subplots(
-        2 * rows_per_group,
-        cols,
-        figsize=(0.9 * cols, 1.05 * 2 * rows_per_group + 0.6),
-        squeeze=False,
-    )
-    for ax in axes.ravel():
-        ax.axis("off")
-    for g, (title, idx) in enumerate((("most tail-like", mined.tail), ("most head-like", mined.head))):
+    # One title row above each group: title, images, title, images.
+    ratios = ([0.28] + [1.0] * rows_per_group) * 2
+    fig = plt.figure(figsize=(0.9 * cols, 1.05 * sum(ratios) + 0.1))
+    grid = fig.add_gridspec(len(ratios), cols, height_ratios=ratios, wspace=0.08, hspace=0.35)
+    groups = (("most tail-like (lowest running score first)", mined.tail),
+              ("most head-like (highest running score first)", mined.head))  # fmt: skip
+    for g, (title, idx) in enumerate(groups):
+        top = g * (rows_per_group + 1)
+        label = fig.add_subplot(grid[top, :])
+        label.axis("off")
+        label.text(0.0, 0.1, title, fontsize=9, fontweight="bold", transform=label.transAxes)
         for j, i in enumerate(idx):
-            ax = axes[g * rows_per_group + j // cols, j % cols]
+            ax = fig.add_subplot(grid[top + 1 + j // cols, j % cols])
+            ax.axis("off")
             ax.imshow(mined.images[i].reshape(mined.image_shape), cmap="gray_r", interpolation="nearest")
             ax.set_title(mined.class_names[int(mined.labels[i])][:9], fontsize=6, pad=1)
-        axes[g * rows_per_group, 0].text(
-            -0.25, 1.45, f"{title} (running score {'lowest' if g == 0 else 'highest'} first)",
-            transform=axes[g * rows_per_group, 0].transAxes, fontsize=8, fontweight="bold",
-        )  # fmt: skip
-    fig.subplots_adjust(wspace=0.08, hspace=0.55, left=0.01, right=0.99, top=0.9, bottom=0.01)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.99, bottom=0.01)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -383,14 +383,15 @@ def render_section(memory_doc: dict[str, Any], summaries: Sequence[dict[str, Any
             "",
         ]
         for sm in summaries:
+            names = sm.get("class_names") or [str(c) for c in range(len(sm["class_counts"]))]
             cells = [
-                f"{c} ({n}, {g}): {v:+.2f}"
-                for c, (n, g, v) in enumerate(
-                    zip(sm["class_counts"], sm["class_groups"], sm["class_mean_score"], strict=True)
+                f"{name} ({n}, {g}): {v:+.2f}"
+                for name, n, g, v in zip(
+                    names, sm["class_counts"], sm["class_groups"], sm["class_mean_score"], strict=True
                 )
                 if v is not None
             ]
-            out.append(f"- {sm['dataset']}, class (count, group): " + "; ".join(cells) + ".")
+            out.append(f"- {sm['dataset']}, class (training count, group): " + "; ".join(cells) + ".")
         out += ["", "Command: `python -m benchmarks.longtail.mine --dataset <name> --evidence`."]
     return "\n".join(out)
 
