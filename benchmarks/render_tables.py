@@ -53,6 +53,7 @@ TITLES = {
     "core_ops": "Core ops: factored vs. materialised",
     "torch_overhead": "PyTorch training step: GradTail overhead",
     "jax_overhead": "JAX/optax training step: GradTail overhead",
+    "keras_overhead": "Keras fit: GradTailCallback overhead",
     "longtail": "Long-tailed data",
 }
 
@@ -661,6 +662,66 @@ def render_jax_overhead(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------- keras_overhead
+
+
+def render_keras_overhead(doc: dict[str, Any]) -> str:
+    results = doc["results"]
+    checks = [c for r in results for c in r.get("checks", [])]
+    passed = sum(c["passed"] is True for c in checks)
+    versions = doc.get("machine", {}).get("versions", {})
+    model = doc.get("model", {})
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (fewer examples and rounds): the target is for the full run.", ""]
+    out += [
+        f"Models: {', '.join(f'`{k}` {v}' for k, v in (model.get('layers') or {}).items())} "
+        f"({model.get('activations', '?')}), {model.get('optimizer', '?')}, {model.get('loss', '?')}; "
+        f"{doc.get('examples', '?')} examples, batch {doc.get('batch', '?')}; GradTail: "
+        f"{model.get('gradtail', '?')}. Keras {versions.get('keras', '?')}. One epoch = one "
+        "`model.fit(..., epochs=1, verbose=0)` call.",
+        "",
+        f"**{passed} of {len(checks)} targets pass** (verdict on the ratio of medians).",
+        "",
+        table(
+            [
+                "backend",
+                "model",
+                "epoch without",
+                "epoch with GradTailCallback",
+                f"ratio (target {fmt_target(checks[0]['target'])})" if checks else "ratio",
+                "paired",
+                "min-based",
+                "extra per step",
+                "first epoch without / with",
+            ],
+            (
+                [
+                    f"`{r['backend']}`",
+                    f"`{r['model']}`",
+                    fmt_seconds(r["seconds"]["plain"]),
+                    fmt_seconds(r["seconds"]["gradtail"]),
+                    fmt_check(r["checks"][0]),
+                    fmt_ratio(r.get("ratio_paired")),
+                    fmt_ratio(r.get("ratio_min_based")),
+                    fmt_seconds((r["seconds"]["gradtail"] - r["seconds"]["plain"]) / r["steps_per_epoch"]),
+                    f"{fmt_seconds(r['first_epoch_seconds']['plain'])} / "
+                    f"{fmt_seconds(r['first_epoch_seconds']['gradtail'])}",
+                ]
+                for r in results
+            ),
+        ),
+        "",
+        "*extra per step*: (median epoch with - without) / steps per epoch. *first epoch*: the "
+        "warm-up epoch, which includes tracing and compiling the train step (JAX).",
+    ]
+    method = doc.get("method", {})
+    if method.get("timing"):
+        out += ["", f"Timing: {method['timing']}"]
+    out += ["", f"Regenerate: `{doc.get('command', 'python benchmarks/keras_overhead.py')}`, then render."]
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------- longtail
 
 _LT_MARK_TEXT = {"0.05": "5%", "0.1": "10%", "0.25": "25%", "0.5": "50%", "1": "100%"}
@@ -876,6 +937,7 @@ RENDERERS: dict[str, Renderer] = {
     "core_ops": render_core_ops,
     "torch_overhead": render_torch_overhead,
     "jax_overhead": render_jax_overhead,
+    "keras_overhead": render_keras_overhead,
     "longtail": render_longtail,
 }
 

@@ -508,6 +508,7 @@ def unsupported_models_fail_at_fit_start() -> None:
         "produce the model's output",
         "Received:",
     )
+    assert "compute_loss" not in sub.__dict__  # restored although fit never reached on_train_end
     for bad, message in (
         ({"decay": 2.0}, "decay"),
         ({"max_weight": 0.5}, "max_weight"),

@@ -153,7 +153,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._capture = _Capture()
         self._attached: dict[str, Any] | None = None
         self._step_cache: dict[str, Any] | None = None
-        self._step_key: tuple[int, ...] = ()
+        self._step_key: tuple[Any, ...] = ()
         self._ran = False
 
     # ------------------------------------------------------------------------ config
@@ -357,6 +357,19 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._pending = None
 
     # --------------------------------------------------------------------- fit hooks
+    def restore(self) -> None:
+        """Undo the wrapping now; ``fit`` does it when it ends normally.
+
+        Keras does not call ``on_train_end`` when ``fit`` raises (or is interrupted), so the
+        model would keep the callback's ``compute_loss``; call this to restore the model then.
+        A later ``fit`` with this callback restores it too. Does nothing when not attached.
+
+        Examples
+        --------
+        >>> GradTailCallback().restore()
+        """
+        self._detach()
+
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         """Check the model, then wrap its loss and the tracked layer for this ``fit``."""
         self._attach(self.model)
@@ -470,11 +483,11 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # (fit looks the train function up again at every step). The ones built by an earlier fit
         # of this callback are reused while the model is unchanged (same compile, layer and loss),
         # so repeated fit calls do not recompile; otherwise they are rebuilt.
-        key = (id(model), id(model.optimizer), id(model._compile_loss), id(dense), id(loss))
+        key = (model, model.optimizer, model._compile_loss, dense, loss)
         cached = self._step_cache
         reuse = (
             cached is not None
-            and cached["key"] == key
+            and all(a is b for a, b in zip(cached["key"], key, strict=True))
             and all(plain[name] is cached["restored"][name] for name in _STEP_FUNCTIONS)
         )
         for name in _STEP_FUNCTIONS:
@@ -519,12 +532,14 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         calls, inputs, z, output = capture.calls, capture.inputs, capture.preactivation, capture.output
         capture.clear()
         if calls != 1:
+            self._detach()  # fit will not reach on_train_end
             raise RuntimeError(
                 f"GradTailCallback needs the tracked layer {dense.name!r} to run exactly once per train "
                 f"step; Received: {calls} calls in this step's forward (a shared layer, or a forward "
                 "outside fit between steps)."
             )
         if output is not y_pred:
+            self._detach()
             raise ValueError(
                 f"GradTailCallback needs the tracked layer {dense.name!r} to produce the model's output "
                 "(y_pred), as the per-example gradients are taken through its activation and the loss; "
