@@ -299,11 +299,19 @@ def _pm(values: list[float]) -> str:
     return f"{a.mean():+.2f} ± {std:.2f} ({int(np.sum(a > 0))}/{len(a)})"
 
 
-def render_section(memory_doc: dict[str, Any], summaries: Sequence[dict[str, Any]]) -> str:
-    """The generated part of docs/tail_mining.md: the memory comparison and the mining counts."""
-    runs = memory_doc["runs"]
+def render_section(
+    memory_docs: Sequence[tuple[str, dict[str, Any]]], summaries: Sequence[dict[str, Any]]
+) -> str:
+    """The generated part of docs/tail_mining.md: the memory comparison and the mining counts.
+
+    ``memory_docs``: (path, suite JSON) pairs; their runs are pooled (pairs are matched by
+    data set and seed, so each data set must come from one file).
+    """
+    runs = [r for _, doc in memory_docs for r in doc["runs"]]
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
-    methods = [m for m in memory_doc["methods"] if m != "uniform"]
+    methods = [
+        m for m in dict.fromkeys(m for _, doc in memory_docs for m in doc["methods"]) if m != "uniform"
+    ]
     out = [
         "Paired differences in percentage points, mean ± std over seeds (seeds with a positive "
         "difference / seeds). *late*: balanced accuracy averaged over the last 25% of epochs "
@@ -354,12 +362,11 @@ def render_section(memory_doc: dict[str, Any], summaries: Sequence[dict[str, Any
             f"\n{d}: chosen on validation, {best} ({val[best]:+.2f} pp on validation vs per-batch "
             f"GradTail); on test it is {test:+.2f} pp vs per-batch GradTail, {verdict}."
         )
-    seeds_all = sorted({r["seed"] for r in runs})
-    out += [
-        "",
-        f"Seeds {', '.join(map(str, seeds_all))}; command: `{memory_doc.get('command', '')}` "
-        f"(JSON: `{MEMORY_JSON.relative_to(REPO)}`).",
-    ]
+    out.append("")
+    for path, doc in memory_docs:
+        names = ", ".join(dict.fromkeys(r["dataset"] for r in doc["runs"]))
+        seeds = ", ".join(map(str, sorted({r["seed"] for r in doc["runs"]})))
+        out.append(f"- {names}: seeds {seeds}; `{doc.get('command', '')}` (JSON: `{path}`).")
     if summaries:
         out += [
             "",
@@ -400,11 +407,14 @@ def update_doc(*, check: bool) -> int:
     """Regenerate the marked section of docs/tail_mining.md from the committed JSON."""
     import re
 
-    memory_doc = json.loads(MEMORY_JSON.read_text())
+    memory_docs = [
+        (str(p.relative_to(REPO)), json.loads(p.read_text()))
+        for p in sorted(EVIDENCE_DIR.glob("longtail_memory*.json"))
+    ]
     summaries = [json.loads(p.read_text()) for p in sorted(EVIDENCE_DIR.glob("*_mined.json"))]
     begin, end = f"<!-- BEGIN GENERATED: {MARKER} -->", f"<!-- END GENERATED: {MARKER} -->"
     text = DOC.read_text()
-    block = f"{begin}\n{render_section(memory_doc, summaries)}\n{end}"
+    block = f"{begin}\n{render_section(memory_docs, summaries)}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
         print(f"{DOC} has no {begin} ... {end} markers", file=sys.stderr)
