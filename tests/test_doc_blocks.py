@@ -7,7 +7,8 @@ temporary folder; ``KERAS_BACKEND=torch``; one CPU thread). Conventions, for pag
   leaves that block out, for code that genuinely cannot run in CI (a multi-process launch, a
   GPU, a package CI does not install). Each one is reported as a skipped test with its reason.
 - ``tests/doc_setup/<page>.py`` (``<page>`` is the page's path below ``docs/`` with ``/``
-  replaced by ``_`` and no ``.md``, e.g. ``torch``, ``api_core``; ``README`` for the README),
+  replaced by ``_``, no ``.md``, lower case, e.g. ``torch``, ``api_core``; ``readme`` for the
+  README),
   when it exists, runs first in the page's namespace: it defines the names that the page's
   snippets take as given (a small ``model``, a ``loader``, ``params``, ...), so that guide
   snippets can stay short and still run.
@@ -93,9 +94,9 @@ def page_id(path: Path) -> str:
 
 def setup_name(path: Path) -> str:
     rel = path.relative_to(ROOT)
-    if rel.parts[0] != "docs":
-        return rel.with_suffix("").as_posix().replace("/", "_")
-    return rel.relative_to("docs").with_suffix("").as_posix().replace("/", "_")
+    if rel.parts[0] == "docs":
+        rel = rel.relative_to("docs")
+    return rel.with_suffix("").as_posix().replace("/", "_").lower()
 
 
 def python_blocks(path: Path) -> list[Block]:
