@@ -509,6 +509,20 @@ def unsupported_models_fail_at_fit_start() -> None:
         "Received:",
     )
     assert "compute_loss" not in sub.__dict__  # restored although fit never reached on_train_end
+
+    class Bypass(keras.Sequential):  # a train step that never calls compute_loss
+        def _compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, y_pred))
+
+    bypass = Bypass([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    bypass.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    expect_error(
+        lambda: bypass.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[GradTailCallback()]),
+        (RuntimeError,),
+        "did not call it",
+        "Received:",
+    )
+    assert "compute_loss" not in bypass.__dict__
     for bad, message in (
         ({"decay": 2.0}, "decay"),
         ({"max_weight": 0.5}, "max_weight"),

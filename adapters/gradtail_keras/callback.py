@@ -416,7 +416,9 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 f"GradTailCallback runs on the Keras backends {SUPPORTED_BACKENDS} (gradtail_ops needs an "
                 f"Array API library); Received: KERAS_BACKEND={backend!r}."
             )
-        loss = _resolve_loss(model)
+        # None when Keras has not built the compiled loss yet: then it is built and read in the
+        # first train step, from that step's y and y_pred.
+        loss: keras.losses.Loss | None = _resolve_loss(model, built_only=True)
         dense = _resolve_layer(model, self.layer)
         _check_output(model, dense)
         kernel_shape = tuple(dense.kernel.shape)
@@ -461,7 +463,11 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         def compute_loss(
             x: Any = None, y: Any = None, y_pred: Any = None, sample_weight: Any = None, training: bool = True
         ) -> Any:
+            nonlocal loss
             if training:
+                if loss is None:
+                    model._compile_loss.build(y, y_pred)
+                    loss = _resolve_loss(model)
                 weights = self._weights_in_step(loss, dense, y, y_pred)
                 sample_weight = _combine(sample_weight, weights)
             else:
@@ -687,8 +693,12 @@ def _build_compile_loss(model: keras.Model, x: Any, y: Any) -> None:
         compile_loss.build(ops.convert_to_tensor(y), y_pred)
 
 
-def _resolve_loss(model: keras.Model) -> keras.losses.Loss:
-    """The compiled loss as a Loss object whose ``call`` gives unreduced per-example values."""
+def _resolve_loss(model: keras.Model, *, built_only: bool = False) -> Any:
+    """The compiled loss as a Loss object whose ``call`` gives unreduced per-example values.
+
+    With ``built_only``, None when Keras has not built the compiled loss yet (all other checks
+    run).
+    """
     if not getattr(model, "compiled", False):
         raise ValueError("GradTailCallback needs a compiled model; Received: a model without compile().")
     if type(model).compute_loss is not keras.Model.compute_loss:
@@ -703,6 +713,8 @@ def _resolve_loss(model: keras.Model) -> keras.losses.Loss:
         )
     flat = compile_loss._flat_losses if compile_loss.built else None
     if flat is None:
+        if built_only:
+            return None
         raise ValueError("GradTailCallback could not read the compiled loss; Received: an unbuilt loss.")
     if len(flat) != 1:
         raise ValueError(
