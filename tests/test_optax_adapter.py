@@ -566,4 +566,4 @@ def test_public_api():
         "loss_and_output_grads",
     }
     assert isinstance(gradtail(batch_size=2), optax.GradientTransformationExtraArgs)
-    assert GradTailState._fields == ("ema", "count", "weights", "alignment")
+    assert GradTailState._fields == ("ema", "count", "weights", "alignment", "memory")

@@ -18,7 +18,8 @@ from gradtail_ops import (
 )
 from gradtail_ops.curves import Curve
 
-from ._options import Decay, make_options, resolve_decay
+from ._memory import check_index, memory_step
+from ._options import Decay, check_memory_size, make_options, resolve_decay
 from ._transform import GradTailState, check_batch_size, init_state, next_state
 
 __all__ = ["head_init", "head_weights", "loss_and_output_grads"]
@@ -58,7 +59,7 @@ def _layer(spec: Any, k: int) -> tuple[Any, Any | None]:
     return kernel, bias
 
 
-def head_init(head: Any, /, *, batch_size: int) -> GradTailState:
+def head_init(head: Any, /, *, batch_size: int, memory_size: int | None = None) -> GradTailState:
     """A fresh `GradTailState` for `head_weights` on one dense layer (or several, scored jointly).
 
     Parameters
@@ -71,13 +72,18 @@ def head_init(head: Any, /, *, batch_size: int) -> GradTailState:
         shapes and dtypes are used).
     batch_size : int
         Examples per step (per device under ``pmap``/``shard_map``).
+    memory_size : int, optional
+        Keep a persistent per-example memory for a training set of this many examples (see
+        `gradtail`'s ``memory_size``); every `head_weights` call then needs ``index=``. Off
+        (None) by default.
 
     Returns
     -------
     GradTailState
         ``ema.mean`` is a list with one ``(kernel_ref, bias_ref)`` (or ``(kernel_ref,)``) tuple of
         zeros per layer, ``kernel_ref`` in the core's ``(d_out, d_in)`` layout (the transpose of
-        the kernel, as in PyTorch); weights 1 and alignments 0 of shape ``(batch_size,)``.
+        the kernel, as in PyTorch); weights 1 and alignments 0 of shape ``(batch_size,)``;
+        ``memory`` zeros of shape ``(memory_size,)`` when asked for, else None.
 
     Examples
     --------
@@ -87,6 +93,7 @@ def head_init(head: Any, /, *, batch_size: int) -> GradTailState:
     ([(3, 4), (3,)], (8,))
     """
     batch = check_batch_size(batch_size)
+    memory_rows = check_memory_size(memory_size)
     specs = head if isinstance(head, list) else [head]
     if not specs:
         raise ValueError("`head` must hold at least one dense layer; Received: an empty list.")
@@ -98,7 +105,7 @@ def head_init(head: Any, /, *, batch_size: int) -> GradTailState:
         # 512x1000 head on one CPU thread, when XLA does not fold it).
         ref_kernel = jax.ShapeDtypeStruct((kernel.shape[1], kernel.shape[0]), kernel.dtype)  # type: ignore[no-untyped-call]
         template.append((ref_kernel,) if bias is None else (ref_kernel, bias))
-    return init_state(template, batch)
+    return init_state(template, batch, memory_rows)
 
 
 def _pairs(head_inputs: Any, head_output_grads: Any) -> list[tuple[Any, Any]]:
@@ -135,6 +142,10 @@ def head_weights(
     axis_name: Hashable | None = None,
     eps: float = 0.0,
     method: Literal["auto", "ghost", "materialize"] = "auto",
+    index: Any = None,
+    memory_decay: float = 0.5,
+    memory_eta: float = 1.0,
+    memory_max_weight: float = 3.0,
 ) -> tuple[jax.Array, jax.Array, GradTailState]:
     """GradTail weights of a dense head from its inputs and per-example output gradients.
 
@@ -162,11 +173,17 @@ def head_weights(
     method : {"auto", "ghost", "materialize"}, optional
         Norm computation for (B, T, d) inputs (`gradtail_ops.linear_sq_norms`). Defaults to
         "auto".
+    index : array of shape (B,), integer, optional
+        Each example's row in the per-example memory, in ``[0, memory_size)``. Required when
+        the state was made by ``head_init(..., memory_size=N)``; an error otherwise.
+    memory_decay, memory_eta, memory_max_weight
+        The memory's options, as in `gradtail` (defaults 0.5, 1.0, 3.0); unused without it.
 
     Returns
     -------
     weights : jax.Array, shape (B,)
-        Loss weights (gradients stopped); ones on the first step and during warm-up.
+        Loss weights (gradients stopped); ones on the first step and during warm-up. With the
+        memory, the memory's weights (see `gradtail`'s ``memory_size``).
     alignment : jax.Array, shape (B,)
         ``cos(g_i, G)`` of each example's head gradient with the reference of previous steps.
     state : GradTailState
@@ -182,6 +199,13 @@ def head_weights(
     >>> w, align, state = jax.jit(head_weights)(state, a, d)
     >>> w.tolist(), int(state.ema.count)
     ([1.0, 1.0], 1)
+
+    With the per-example memory of a training set of 100 examples:
+
+    >>> state = head_init(head, batch_size=2, memory_size=100)
+    >>> w, align, state = jax.jit(head_weights)(state, a, d, index=jnp.array([7, 42]))
+    >>> state.memory.score.shape
+    (100,)
     """
     if not isinstance(state, GradTailState):
         raise TypeError(
@@ -200,6 +224,9 @@ def head_weights(
         normalize=normalize,
         eps=eps,
         axis_name=axis_name,
+        memory_decay=memory_decay,
+        memory_eta=memory_eta,
+        memory_max_weight=memory_max_weight,
     )
     layers = _pairs(head_inputs, head_output_grads)
     means = state.ema.mean
@@ -209,6 +236,7 @@ def head_weights(
             "pair(s) were given; Received: one per layer is needed."
         )
     batch = int(state.weights.shape[0])
+    rows = check_index(index, state.memory, batch, "head_weights()")
     for k, ((a, d), mean) in enumerate(zip(layers, means, strict=True)):
         d_out, d_in = tuple(mean[0].shape)  # the core's layout: the kernel's transpose
         if a.ndim not in (2, 3) or a.shape[0] != batch or a.shape[-1] != d_in:
@@ -242,7 +270,10 @@ def head_weights(
     )
     weights = jax.lax.stop_gradient(out.weights)
     alignment = jax.lax.stop_gradient(out.alignment)
-    return weights, alignment, next_state(state, out.state, weights, alignment)
+    memory = state.memory
+    if memory is not None and rows is not None:
+        weights, memory = memory_step(memory, rows, alignment, state.ema.count, opts)
+    return weights, alignment, next_state(state, out.state, weights, alignment, memory)
 
 
 def loss_and_output_grads(

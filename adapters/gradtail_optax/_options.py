@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -12,7 +13,16 @@ import jax
 
 from gradtail_ops import WeightCurve, validate_step_options
 
-__all__ = ["Decay", "Options", "check_device_local", "check_not_wrapped", "make_options", "resolve_decay"]
+__all__ = [
+    "Decay",
+    "Options",
+    "check_device_local",
+    "check_memory_options",
+    "check_memory_size",
+    "check_not_wrapped",
+    "make_options",
+    "resolve_decay",
+]
 
 #: A float in [0, 1], or an optax-style schedule ``count -> decay`` (count: int32 step number).
 Decay = float | Callable[[jax.Array], Any]
@@ -28,6 +38,9 @@ class Options:
     curve: WeightCurve
     eps: float
     axis_name: Hashable | None
+    memory_decay: float = 0.5
+    memory_eta: float = 1.0
+    memory_max_weight: float = 3.0
 
 
 def make_options(
@@ -44,6 +57,9 @@ def make_options(
     normalize: bool,
     eps: float,
     axis_name: Hashable | None,
+    memory_decay: float = 0.5,
+    memory_eta: float = 1.0,
+    memory_max_weight: float = 3.0,
 ) -> Options:
     """Validate the options (ValueError naming the argument) and bind the curve."""
     validate_step_options(
@@ -65,6 +81,9 @@ def make_options(
     )
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"`eps` must be a non-negative float; Received: eps={eps!r}.")
+    check_memory_options(
+        memory_decay=memory_decay, memory_eta=memory_eta, memory_max_weight=memory_max_weight
+    )
     return Options(
         decay=decay,
         reference=reference,
@@ -72,7 +91,39 @@ def make_options(
         curve=curve,
         eps=float(eps),
         axis_name=axis_name,
+        memory_decay=float(memory_decay),
+        memory_eta=float(memory_eta),
+        memory_max_weight=float(memory_max_weight),
     )
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_memory_size(memory_size: Any) -> int | None:
+    """None (the memory is off) or the positive int number of training examples."""
+    if memory_size is not None and (
+        isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1
+    ):
+        raise ValueError(
+            "`memory_size` must be None (off) or a positive int, the number of training examples; "
+            f"Received: memory_size={memory_size!r}."
+        )
+    return memory_size
+
+
+def check_memory_options(*, memory_decay: Any, memory_eta: Any, memory_max_weight: Any) -> None:
+    """The per-example memory's options, with the ranges of `gradtail_torch.GradTail`'s."""
+    if not (_is_number(memory_decay) and 0.0 <= memory_decay < 1.0):
+        raise ValueError(f"`memory_decay` must lie in [0, 1); Received: memory_decay={memory_decay!r}.")
+    if not (_is_number(memory_eta) and memory_eta >= 0.0):
+        raise ValueError(f"`memory_eta` must be a finite number >= 0; Received: memory_eta={memory_eta!r}.")
+    if not (_is_number(memory_max_weight) and memory_max_weight >= 1.0):
+        raise ValueError(
+            "`memory_max_weight` must be a finite number >= 1; Received: "
+            f"memory_max_weight={memory_max_weight!r}."
+        )
 
 
 def resolve_decay(decay: Decay, count: jax.Array) -> Any:

@@ -16,13 +16,22 @@ from gradtail_ops import (
     DEFAULT_REFERENCE,
     DEFAULT_WARMUP_STEPS,
     EMAState,
+    MemoryState,
     ema_init,
     score_and_update,
     weighted_batch_mean,
 )
 from gradtail_ops.curves import Curve
 
-from ._options import Decay, check_device_local, check_not_wrapped, make_options, resolve_decay
+from ._memory import check_index, empty_memory, memory_step
+from ._options import (
+    Decay,
+    check_device_local,
+    check_memory_size,
+    check_not_wrapped,
+    make_options,
+    resolve_decay,
+)
 
 __all__ = ["GradTailState", "gradtail"]
 
@@ -49,12 +58,19 @@ class GradTailState(NamedTuple):
     alignment : jax.Array, shape (B,)
         The latest step's alignments ``cos(g_i, G)`` (zeros before the first step; NaN marks an
         example whose gradient was not finite, the only non-finite value the state can hold).
+    memory : gradtail_ops.MemoryState or None
+        The persistent per-example memory when built with ``memory_size=N``: ``memory.score``
+        (shape (N,), the state's float dtype), each example's running score (EMA over its
+        visits of its batch-standardised alignment; low is tail-like, 0 if never visited),
+        and ``memory.visits`` (shape (N,), int32). None (no leaves) when the memory is off.
+        Read it with ``optax.tree.get(opt_state, "memory")``.
     """
 
     ema: EMAState
     count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count, as in optax's states
     weights: jax.Array
     alignment: jax.Array
+    memory: MemoryState | None = None
 
 
 def _zeros_like(leaf: Any, dtype: Any) -> jax.Array:
@@ -65,8 +81,10 @@ def _zeros_like(leaf: Any, dtype: Any) -> jax.Array:
     return jnp.zeros(tuple(leaf.shape), dtype)
 
 
-def init_state(template: Any, batch_size: int) -> GradTailState:
+def init_state(template: Any, batch_size: int, memory_size: int | None = None) -> GradTailState:
     """A fresh state for ``ema_init(template)``: weights 1, alignments 0 of shape (batch_size,).
+
+    With ``memory_size``, an empty per-example memory of that many rows in the state's dtype.
 
     ``template`` is a list of arrays (or of tuples of arrays); only shapes and dtypes are used.
     The core's `ema_init` runs under ``jax.eval_shape``, for its structure and dtype rule
@@ -88,16 +106,20 @@ def init_state(template: Any, batch_size: int) -> GradTailState:
         count=jnp.zeros((), jnp.int32),
         weights=jnp.ones((batch_size,), dtype),
         alignment=jnp.zeros((batch_size,), dtype),
+        memory=empty_memory(memory_size, dtype),
     )
 
 
-def next_state(state: GradTailState, ema: EMAState, weights: Any, alignment: Any) -> GradTailState:
+def next_state(
+    state: GradTailState, ema: EMAState, weights: Any, alignment: Any, memory: MemoryState | None = None
+) -> GradTailState:
     """The state after a step, in the dtypes of ``state`` (so a jitted step never retraces)."""
     return GradTailState(
         ema=ema,
         count=optax.safe_int32_increment(state.count),
         weights=weights.astype(state.weights.dtype),
         alignment=alignment.astype(state.alignment.dtype),
+        memory=memory,
     )
 
 
@@ -193,6 +215,10 @@ def gradtail(
     alignment_mask: MaskOrFn = None,
     axis_name: Hashable | None = None,
     eps: float = 0.0,
+    memory_size: int | None = None,
+    memory_decay: float = 0.5,
+    memory_eta: float = 1.0,
+    memory_max_weight: float = 3.0,
 ) -> optax.GradientTransformationExtraArgs:
     """GradTail sample weighting as an optax transformation over per-example gradients.
 
@@ -221,13 +247,13 @@ def gradtail(
         have this batch size.
     decay : float or callable, optional
         EMA decay of the reference in [0, 1], or an optax-style schedule ``count -> decay``
-        evaluated at the state's step count. Defaults to ``gradtail_ops.DEFAULT_DECAY`` (0.99).
+        evaluated at the state's step count. Defaults to ``gradtail_ops.DEFAULT_DECAY``.
     reference : {"direction", "mean"}, optional
         EMA of the plain batch-mean gradient, or of the batch mean of unit-normalised
         per-example gradients. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
     warmup_steps : int, optional
         Reference updates with weight 1 before weighting starts (the first step always has
-        weight 1). Defaults to 0.
+        weight 1). Defaults to ``gradtail_ops.DEFAULT_WARMUP_STEPS``.
     kind, max_weight, threshold, temperature, quantile, floor, normalize
         The weighting curve (`gradtail_ops.weight_curve`). Defaults to
         ``gradtail_ops.DEFAULT_CURVE``: ``kind="rank"``, ``quantile=0.3``, ``max_weight=3.0``,
@@ -246,21 +272,47 @@ def gradtail(
         so later transformations see the global-batch gradient.
     eps : float, optional
         Gradient norms at or below ``eps`` count as zero. Defaults to 0.0.
+    memory_size : int, optional
+        Turn on the persistent per-example memory for a training set of this many examples
+        (`gradtail_ops.memory_update`; the same option as `gradtail_torch.GradTail`'s): each
+        example keeps an EMA, over its visits, of its batch-standardised alignment, and the
+        weights come from that running score,
+        ``clip(exp(-memory_eta * m_i), 1/memory_max_weight, memory_max_weight)`` normalised
+        to batch mean 1, instead of the per-batch curve. Every ``update`` then needs the extra
+        argument ``index=``, shape (batch_size,), each example's row in
+        ``[0, memory_size)`` (e.g. its position in the data set). The memory lives in the
+        state (8 bytes per example); under ``jax.jit`` with the state donated its update
+        writes only the batch's rows. It is not updated on the first step (no reference yet)
+        and gives weight 1 until ``max(1, warmup_steps)`` reference updates. With
+        ``axis_name``, every device folds the global batch in, so all copies stay equal.
+        Out-of-range indices raise in eager calls; under ``jax.jit`` their rows are left
+        alone and they get weight 1. Off (None) by default (docs/tail_mining.md).
+    memory_decay : float, optional
+        Per-visit decay of the running score, in [0, 1). Defaults to 0.5.
+    memory_eta : float, optional
+        Log-weight per standard deviation of running score, >= 0. Defaults to 1.0.
+    memory_max_weight : float, optional
+        Cap of the memory weights (before normalisation), >= 1. Defaults to 3.0.
 
     Returns
     -------
     optax.GradientTransformationExtraArgs
-        ``init(params) -> GradTailState``; ``update(per_example_grads, state, params=None)
-        -> (weighted_mean_grads, state)``.
+        ``init(params) -> GradTailState``; ``update(per_example_grads, state, params=None, *,
+        index=None) -> (weighted_mean_grads, state)``. Inside ``optax.chain`` pass ``index``
+        to the chain's ``update``; it reaches this transformation as an extra argument.
 
     Raises
     ------
     ValueError
         For options out of range (at construction); in ``update``, for gradients without the
         leading batch axis, of another batch size, or whose structure differs from ``params``
-        or from the state's.
+        or from the state's; for ``index`` missing with the memory on, given with it off, or
+        not of shape (batch_size,).
     TypeError
-        When ``update`` runs inside ``optax.MultiSteps`` or ``optax.apply_if_finite``.
+        When ``update`` runs inside ``optax.MultiSteps`` or ``optax.apply_if_finite``; for an
+        ``index`` without an integer dtype.
+    IndexError
+        For ``index`` entries outside ``[0, memory_size)`` in an eager (not jitted) call.
 
     Examples
     --------
@@ -275,8 +327,17 @@ def gradtail(
     >>> updates, state = tx.update(per_example, state, params)
     >>> updates["w"].shape, optax.tree.get(state, "weights").shape
     ((3, 2), (4,))
+
+    With the per-example memory (``index``: the examples' rows in a training set of 10):
+
+    >>> tx = optax.chain(gradtail(batch_size=4, memory_size=10), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(per_example, state, params, index=jnp.array([0, 3, 5, 9]))
+    >>> optax.tree.get(state, "memory").score.shape
+    (10,)
     """
     batch = check_batch_size(batch_size)
+    memory_rows = check_memory_size(memory_size)
     opts = make_options(
         decay=decay,
         reference=reference,
@@ -290,6 +351,9 @@ def gradtail(
         normalize=normalize,
         eps=eps,
         axis_name=axis_name,
+        memory_decay=memory_decay,
+        memory_eta=memory_eta,
+        memory_max_weight=memory_max_weight,
     )
     if alignment_mask is not None and not callable(alignment_mask):
         # Fail at construction for masks that cannot be one (a mask of arrays, say).
@@ -316,10 +380,10 @@ def gradtail(
                 )
             if m:
                 scored.append(leaf)
-        return init_state(scored, batch)
+        return init_state(scored, batch, memory_rows)
 
     def update_fn(
-        updates: Any, state: GradTailState, params: Any = None, **extra_args: Any
+        updates: Any, state: GradTailState, params: Any = None, *, index: Any = None, **extra_args: Any
     ) -> tuple[Any, GradTailState]:
         del extra_args
         check_not_wrapped("gradtail_optax.gradtail")
@@ -327,6 +391,7 @@ def gradtail(
             raise TypeError(
                 f"`state` must be the GradTailState from init(); Received: {type(state).__name__}."
             )
+        rows = check_index(index, state.memory, int(state.weights.shape[0]), "gradtail's update()")
         flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
         paths = [p for p, _ in flat]
         grads = [g for _, g in flat]
@@ -383,11 +448,14 @@ def gradtail(
             reduce_mean=reduce_mean,
         )
         weights = jax.lax.stop_gradient(out.weights)
+        memory = state.memory
+        if memory is not None and rows is not None:
+            weights, memory = memory_step(memory, rows, out.alignment, state.ema.count, opts)
         means_out = weighted_batch_mean(grads, weights)
         means_out = [m.astype(g.dtype) for m, g in zip(means_out, grads, strict=True)]
         if opts.axis_name is not None:
             means_out = jax.lax.pmean(means_out, opts.axis_name)  # type: ignore[no-untyped-call]
-        new_state = next_state(state, out.state, weights, out.alignment)
+        new_state = next_state(state, out.state, weights, out.alignment, memory)
         return jax.tree.unflatten(treedef, means_out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
