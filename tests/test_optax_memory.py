@@ -418,19 +418,44 @@ def _runs(devices: int) -> dict[str, list[dict[str, np.ndarray]]]:
     return runs
 
 
+def _pmap_run() -> list[dict[str, np.ndarray]]:
+    """The transformation under ``jax.pmap`` (per-device parameter copies; no pcast)."""
+    x_all, y_all, indices = _sharded_problem()
+    local = BATCH // DEVICES
+    tx = optax.chain(
+        gradtail(batch_size=local, axis_name="data", memory_size=N, **MEMORY_OPTIONS), optax.sgd(0.1)
+    )
+    params = jax.tree.map(lambda a: jnp.stack([a] * DEVICES), make_params(0, np.float64))
+    state = jax.pmap(tx.init, axis_name="data")(params)
+    step = jax.pmap(_transform_step(tx), axis_name="data")
+    history = []
+    for index in indices:
+        split = [a.reshape(DEVICES, local, *a.shape[1:]) for a in (x_all[index], y_all[index], index)]
+        params, state = step(params, state, *split)
+        gt = state[0]
+        for leaf in jax.tree.leaves(gt.memory):  # every device holds the same memory
+            np.testing.assert_array_equal(np.asarray(leaf)[1], np.asarray(leaf)[0])
+        flat = _flat(*jax.tree.map(lambda a: a[0], (gt, params)))
+        flat["weights"] = np.asarray(gt.weights).reshape(-1)  # the devices' examples, in order
+        history.append(flat)
+    return history
+
+
 def _sharded_worker(out: str) -> None:
     """Run in a fresh process with 2 host devices (the test does)."""
     jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == DEVICES, jax.devices()
     runs = _runs(DEVICES)
+    runs["pmap"] = _pmap_run()
     np.savez(
         out, **{f"{p}_{t}_{k}": v for p, h in runs.items() for t, s in enumerate(h) for k, v in s.items()}
     )
 
 
 def test_sharded_memory_equals_single_device_run(tmp_path):
-    """shard_map with axis_name: every device holds the memory of a single-device run on the
-    whole batch, and each gets its examples' weights of that run (both paths)."""
+    """shard_map (both paths) and pmap (the transformation) with axis_name: every device holds
+    the memory of a single-device run on the whole batch, and each gets its examples' weights
+    of that run."""
     out = tmp_path / "memory.npz"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     code = f"from tests.test_optax_memory import _sharded_worker; _sharded_worker({str(out)!r})"
@@ -441,6 +466,7 @@ def test_sharded_memory_equals_single_device_run(tmp_path):
     got = np.load(out)
     with jax.enable_x64(True):
         single = _runs(1)
+    single["pmap"] = single["transform"]
     for path, history in single.items():
         for t, state in enumerate(history):
             for key, value in state.items():

@@ -169,7 +169,8 @@ def head_weights(
     decay, reference, warmup_steps, kind, max_weight, threshold, temperature, quantile, floor,
     normalize, axis_name, eps
         As in `gradtail` (the same defaults). ``axis_name`` averages only the batch reference
-        across devices; average the gradients as usual.
+        across devices (and, with the memory, gathers the batch's indices and alignments so
+        every device's memory stays the same); average the gradients as usual.
     method : {"auto", "ghost", "materialize"}, optional
         Norm computation for (B, T, d) inputs (`gradtail_ops.linear_sq_norms`). Defaults to
         "auto".
