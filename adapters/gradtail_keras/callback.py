@@ -73,9 +73,9 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         ``Dense`` layer.
     decay : float, optional
         EMA decay of the reference, in [0, 1]. Defaults to ``gradtail_ops.DEFAULT_DECAY``.
-    reference : {"mean", "direction"}, optional
-        EMA of the plain batch-mean gradient, or of the batch mean of unit-normalised
-        per-example gradients. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
+    reference : {"direction", "mean"}, optional
+        EMA of the batch mean of unit-normalised per-example gradients, or of the plain
+        batch-mean gradient. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
     warmup_steps : int, optional
         Steps with weight 1 while the reference builds up (the first step always is).
         Defaults to 0.

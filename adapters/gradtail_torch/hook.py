@@ -89,9 +89,9 @@ class GradTail:
         ``nn.Linear`` means all of its ``nn.Linear`` submodules.
     decay : float, optional
         EMA decay of the reference. Defaults to ``gradtail_ops.DEFAULT_DECAY`` (0.99).
-    reference : {"mean", "direction"}, optional
-        EMA of the plain batch-mean gradient, or of the batch mean of unit-normalised
-        per-example gradients. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
+    reference : {"direction", "mean"}, optional
+        EMA of the batch mean of unit-normalised per-example gradients, or of the plain
+        batch-mean gradient. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
     warmup_steps : int, optional
         Steps with weight 1 while the reference builds up (the first step always is).
         Defaults to 0.
