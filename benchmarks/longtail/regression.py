@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import sys
 import time
@@ -389,10 +390,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def checks(aggs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's regression targets, evaluated for the default and the prediction-gradient GradTail."""
+    """The issue's regression targets for the default GradTail and the prediction-gradient variants."""
     by = {(a["dataset"], a["method"]): a for a in aggs}
     out = []
-    for method in ("gradtail", "gradtail_pred"):
+    for method in ("gradtail", "gradtail_pred", "gradtail_pred_head"):
         agg = by.get(("diamonds", method))
         if agg and agg.get("delta_vs_uniform"):
             d = agg["delta_vs_uniform"]["few"]
@@ -458,6 +459,7 @@ def make_figures(doc: dict[str, Any], outdir: Path) -> list[Path]:
                 "markersize": 4,
                 "linewidth": 1.2,
                 "label": meta["label"],
+                "color": f"C{k % 10}",
             }
             axes[0].plot(x, np.asarray(agg["per_bin_mean"], dtype=float), style, **kw)
             pb = agg.get("per_bin_delta_vs_uniform")
@@ -544,18 +546,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-figures", action="store_true", help="write no figures")
     p.add_argument("--note", default=None, help="free text stored in the JSON")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument(
+        "--redraw",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only redraw the figures of a saved JSON document (into --figures-dir, default figures/ "
+        "beside it); trains nothing",
+    )
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
     _meta.resolve_out(args, DEFAULT_OUT, QUICK_OUT)
     if args.figures_dir is None:
-        args.figures_dir = args.out.parent / "figures"
+        args.figures_dir = (args.redraw or args.out).parent / "figures"
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write the JSON document (and figures)."""
     args = parse_args(argv)
+    if args.redraw is not None:
+        doc = json.loads(args.redraw.read_text())
+        for path in make_figures(doc, args.figures_dir):
+            print(rel(path))
+        return 0
     torch.set_num_threads(args.threads)
     load_before = _meta.load_average()
     start = time.perf_counter()

@@ -277,6 +277,14 @@ _ALL = (
         uses_targets=True,
         gradtail=True,
     ),
+    RegMethod(
+        "lds_gradtail_pred_head",
+        "LDS x GradTail (prediction, head only)",
+        "the product of the LDS weight and the gradtail_pred_head weight",
+        lambda ctx: GradTailPrediction(ctx, head_only=True, table=lds_weights(ctx.targets)),
+        uses_targets=True,
+        gradtail=True,
+    ),
 )
 
 REG_METHODS: dict[str, RegMethod] = {m.name: m for m in _ALL}
