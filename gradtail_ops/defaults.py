@@ -12,11 +12,13 @@ from .curves import WeightCurve
 
 __all__ = ["DEFAULT_CURVE", "DEFAULT_DECAY", "DEFAULT_REFERENCE", "DEFAULT_WARMUP_STEPS"]
 
-#: EMA decay of the reference gradient.
-DEFAULT_DECAY: float = 0.99
+#: EMA decay of the reference gradient (a horizon of about 1000 steps).
+DEFAULT_DECAY: float = 0.999
 #: Reference kind: the EMA of the batch mean of unit-normalised per-example gradients.
 DEFAULT_REFERENCE: Final = "direction"
 #: Lowest 30% of each batch by alignment weighted 3x, then normalised to batch mean 1.
 DEFAULT_CURVE = WeightCurve(kind="rank", max_weight=3.0, quantile=0.3, normalize=True)
 #: Reference updates with weight 1 before weighting starts (the first call is always 1).
+#: The measured formulation warms up for one epoch, which only the caller knows: pass
+#: ``warmup_steps=steps_per_epoch`` (docs/method.md, "Defaults and their evidence").
 DEFAULT_WARMUP_STEPS: int = 0

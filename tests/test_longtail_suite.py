@@ -14,6 +14,16 @@ from benchmarks.longtail.methods import METHODS
 from benchmarks.longtail.metrics import auroc
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The smoke run's methods: one of each kind (the full list would only repeat the same paths).
+SMOKE_METHODS = (
+    "uniform",
+    "class_balanced",
+    "loss_rank",
+    "gradtail",
+    "gradtail_head",
+    "jtt",
+    "class_balanced_gradtail",
+)
 
 
 def _pairwise_auroc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -47,7 +57,7 @@ def test_quick_cli_on_digits_writes_the_documented_json(tmp_path):
     out = tmp_path / "longtail.json"
     cmd = [
         sys.executable, "-m", "benchmarks.longtail.run", "--quick", "--datasets", "digits_lt10",
-        "--seeds", "0", "--epochs", "2", "--out", str(out), "--no-progress",
+        "--seeds", "0", "--epochs", "2", "--out", str(out), "--no-progress", "--methods", *SMOKE_METHODS,
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -71,7 +81,7 @@ def test_quick_cli_on_digits_writes_the_documented_json(tmp_path):
 
     runs = doc["runs"]
     assert runs[0]["method"] == "uniform"
-    assert {r["method"] for r in runs} == set(METHODS)
+    assert {r["method"] for r in runs} == set(SMOKE_METHODS)
     for r in runs:
         assert r["dataset"] == "digits_lt10"
         assert r["seed"] == 0
@@ -81,13 +91,22 @@ def test_quick_cli_on_digits_writes_the_documented_json(tmp_path):
         assert r["test"]["balanced_accuracy"] == pytest.approx(np.mean(r["test"]["per_class"]))
         assert len(r["val"]["curve"]) == 2
         assert r["val"]["balanced_accuracy"] == r["val"]["curve"][-1]
+        # validation-based selection: the earliest epoch of the highest validation accuracy
+        curve = r["val"]["curve"]
+        assert r["selected_epoch"] == 1 + min(k for k, v in enumerate(curve) if v == max(curve))
+        assert r["val"]["selected_balanced_accuracy"] == max(curve)
+        selected = r["test"]["selected_balanced_accuracy"]
+        assert selected == pytest.approx(np.mean(r["test"]["selected_per_class"]))
+        if r["selected_epoch"] == 2:
+            assert r["test"]["selected_balanced_accuracy"] == r["test"]["balanced_accuracy"]
         assert r["late_epochs"] == 1  # the last 25% of 2 epochs, at least one
         assert r["test"]["late_balanced_accuracy"] == pytest.approx(r["test"]["balanced_accuracy"])
         assert r["val"]["late_balanced_accuracy"] == pytest.approx(r["val"]["balanced_accuracy"])
         assert r["seconds_per_epoch"] > 0
-        delta = r["delta_vs_uniform"]["balanced_accuracy"]
         uniform = next(u for u in runs if u["method"] == "uniform")
-        assert delta == pytest.approx(r["test"]["balanced_accuracy"] - uniform["test"]["balanced_accuracy"])
+        for key in ("balanced_accuracy", "selected_balanced_accuracy", "late_few"):
+            delta = r["delta_vs_uniform"][key]
+            assert delta == pytest.approx(r["test"][key] - uniform["test"][key])
         detectors = r["tail_detection"]["auroc"]
         expected = {"loss", "alignment"} if doc["methods"][r["method"]]["gradtail"] else {"loss"}
         assert set(detectors) == expected
@@ -98,9 +117,11 @@ def test_quick_cli_on_digits_writes_the_documented_json(tmp_path):
             hist = r["alignment_histograms"]
             assert set(hist["marks"]) == {"0.1", "1"}
             assert len(hist["edges"]) == len(hist["marks"]["1"]["few"]) + 1
+            wvs = r["weight_vs_score"]
+            assert len(wvs["edges"]) == len(wvs["groups"]["few"]["count"]) + 1
 
     aggs = {a["method"]: a for a in doc["aggregates"]}
-    assert set(aggs) == set(METHODS)
+    assert set(aggs) == set(SMOKE_METHODS)
     gt = aggs["gradtail"]
     assert gt["n_seeds"] == 1
     d = gt["delta_vs_uniform"]["balanced_accuracy"]
@@ -117,6 +138,99 @@ def test_quick_cli_on_digits_writes_the_documented_json(tmp_path):
     text = render_longtail(doc)
     assert "Quick smoke run" in text
     assert "GradTail (defaults)" in text
+    assert "selected epoch" in text
+
+
+def test_variant_cli_parses_and_registers():
+    from benchmarks.longtail.run import parse_args
+
+    args = parse_args(
+        ["--quick", "--methods", "uniform", "--variant", "t_head_w5", "head_only=true", "max_weight=5"]
+    )
+    assert args.methods == ["uniform", "t_head_w5"]
+    spec = METHODS.pop("t_head_w5")
+    assert spec.gradtail
+    assert spec.options == {"head_only": True, "max_weight": 5.0}
+    with pytest.raises(SystemExit):
+        parse_args(["--variant", "bad", "max_weight"])
+    with pytest.raises(SystemExit):
+        parse_args(["--variant", "uniform", "decay=0.9"])
+
+
+def test_selected_epoch_is_the_first_best():
+    from benchmarks.longtail.run import selected_epoch
+
+    assert selected_epoch([0.1, 0.5, 0.3, 0.5]) == 1
+    assert selected_epoch([0.9]) == 0
+
+
+def test_weight_vs_score_matches_a_loop():
+    from benchmarks.longtail.analysis import weight_vs_score
+
+    rng = np.random.default_rng(1)
+    n = 500
+    scores = {
+        "alignment": rng.uniform(-1, 1, n).astype(np.float32),
+        "weight": rng.uniform(0.5, 3, n).astype(np.float32),
+        "step": rng.integers(0, 10, n),
+    }
+    groups = rng.choice(["many", "medium", "few"], n)
+    out = weight_vs_score(scores, groups=groups, start_step=3, bins=8)
+    edges = np.linspace(-1, 1, 9)
+    for g in ("many", "medium", "few"):
+        for b in range(8):
+            upper = scores["alignment"] <= edges[b + 1] if b == 7 else scores["alignment"] < edges[b + 1]
+            sel = (groups == g) & (scores["step"] >= 3) & (scores["alignment"] >= edges[b]) & upper
+            assert out["groups"][g]["count"][b] == sel.sum()
+            if sel.any():
+                expected = scores["weight"][sel].mean()
+                assert out["groups"][g]["mean_weight"][b] == pytest.approx(expected, rel=1e-5)
+
+
+def test_jtt_upweights_exactly_the_error_set():
+    import torch
+
+    from benchmarks.longtail.methods import Batch, Context
+
+    errors = np.array([True, False, False, True, False])
+    ctx = Context(torch.nn.Linear(2, 2), np.array([3, 2]), 1, 0, misclassified=lambda epochs: errors)
+    jtt = METHODS["jtt"].make(ctx, identify_epochs=1, upweight=10.0)
+    loss = torch.ones(5)
+    w = jtt.weights(Batch(loss, loss, torch.zeros(5, dtype=torch.long), 0, index=torch.arange(5)))
+    expected = np.where(errors, 10.0, 1.0)
+    np.testing.assert_allclose(w.numpy(), expected / expected.mean(), rtol=1e-6)
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST (Debian dataset-fashion-mnist) not installed",
+)
+def test_hidden_strata_data_set():
+    from benchmarks.longtail.datasets import load_dataset
+
+    split = load_dataset("fashion_hidden", 0)
+    data = split.data
+    assert data.sub_train is not None
+    assert data.sub_test is not None
+    assert split.sub_val is not None
+    sub_counts = np.bincount(data.sub_train, minlength=10)
+    assert list(sub_counts[:5]) == [6000] * 5
+    assert list(sub_counts[5:]) == [120] * 5
+    np.testing.assert_array_equal(data.y_train, data.sub_train % 5)  # superclass k = classes k, k + 5
+    assert list(data.counts) == [6120] * 5
+    assert list(np.bincount(data.sub_test, minlength=10)) == [500] * 10  # test half balanced by subclass
+    assert list(np.bincount(split.sub_val, minlength=10)) == [500] * 10
+    groups = data.example_groups(np.arange(len(data.y_train)))
+    np.testing.assert_array_equal(groups == "few", data.sub_train >= 5)
+
+    from benchmarks.longtail.train import metrics
+
+    pred = data.y_test.copy()
+    pred[data.sub_test == 7] = (pred[data.sub_test == 7] + 1) % 5  # every "Sneaker" wrong
+    m = metrics(pred, data.y_test, data, data.sub_test)
+    assert m["worst_subclass"] == 0.0
+    assert m["rare_subclass"] == pytest.approx(0.8)
+    assert m["common_subclass"] == 1.0
 
 
 def test_metrics_doctests():

@@ -2,9 +2,13 @@
 
 A run records every training example's loss and (for GradTail) alignment at every step.
 At a mark ``f`` of training (0.1 = 10% of the steps) the scores of the steps in the window
-``(f - width, f]`` are pooled, and the AUROC says how well the score separates examples of
-few-shot classes (positives) from the rest: ``-alignment`` for GradTail (low alignment means
+``(f - width, f]`` are pooled, and the AUROC says how well the score separates the tail's
+examples (positives: group "few", i.e. few-shot classes, or the rare subclasses of a
+hidden-stratification set) from the rest: ``-alignment`` for GradTail (low alignment means
 tail-like), the loss itself as the label-free baseline.
+
+``groups`` is always per recorded example: the group of each entry of ``scores``, shape (n,)
+(``LongTailData.example_groups(scores["index"])``).
 """
 
 from __future__ import annotations
@@ -37,10 +41,9 @@ def tail_detection(
     marks: Sequence[float] = MARKS,
     width: float = 0.05,
 ) -> dict[str, Any]:
-    """AUROC of ``-alignment`` (when recorded) and of ``loss`` for few-shot classes, per mark."""
-    few = np.array([g == "few" for g in groups])
-    positive = few[scores["label"]]
-    out: dict[str, Any] = {"positive": "few-shot classes", "width": width, "windows": {}, "auroc": {}}
+    """AUROC of ``-alignment`` (when recorded) and of ``loss`` for the group "few", per mark."""
+    positive = np.asarray(groups) == "few"
+    out: dict[str, Any] = {"positive": 'group "few"', "width": width, "windows": {}, "auroc": {}}
     detectors = {"loss": scores["loss"]}
     if "alignment" in scores:
         detectors["alignment"] = -scores["alignment"]
@@ -58,8 +61,8 @@ def tail_detection(
 def weight_by_group(
     scores: dict[str, np.ndarray], *, groups: Sequence[str], start_step: int
 ) -> dict[str, float]:
-    """Mean loss weight per class group over the steps from ``start_step`` (after warm-up)."""
-    group_of = np.array(list(groups))[scores["label"]]
+    """Mean loss weight per group over the steps from ``start_step`` (after warm-up)."""
+    group_of = np.asarray(groups)
     late = scores["step"] >= start_step
     return {
         g: float(scores["weight"][late & (group_of == g)].mean())
@@ -78,9 +81,9 @@ def alignment_histograms(
     width: float = 0.05,
     bins: int = HIST_BINS,
 ) -> dict[str, Any]:
-    """Counts of alignments in ``bins`` equal bins over [-1, 1], per class group and mark."""
+    """Counts of alignments in ``bins`` equal bins over [-1, 1], per group and mark."""
     edges = np.linspace(-1.0, 1.0, bins + 1)
-    group_of = np.array(list(groups))[scores["label"]]
+    group_of = np.asarray(groups)
     out: dict[str, Any] = {"edges": edges.tolist(), "marks": {}}
     for mark in marks:
         start, end = window_steps(mark, total_steps, width)
@@ -89,4 +92,28 @@ def alignment_histograms(
             g: np.histogram(np.clip(scores["alignment"][sel & (group_of == g)], -1, 1), edges)[0].tolist()
             for g in GROUPS
         }
+    return out
+
+
+def weight_vs_score(
+    scores: dict[str, np.ndarray],
+    *,
+    groups: Sequence[str],
+    start_step: int,
+    bins: int = HIST_BINS,
+) -> dict[str, Any]:
+    """Mean loss weight and count per alignment bin (``bins`` equal bins over [-1, 1]) and group,
+    over the steps from ``start_step``: how the curve turned scores into weights."""
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    group_of = np.asarray(groups)
+    late = scores["step"] >= start_step
+    which = np.clip(np.digitize(np.clip(scores["alignment"], -1, 1), edges[1:-1]), 0, bins - 1)
+    out: dict[str, Any] = {"edges": edges.tolist(), "groups": {}}
+    for g in GROUPS:
+        sel = late & (group_of == g)
+        count = np.bincount(which[sel], minlength=bins)
+        total = np.bincount(which[sel], weights=scores["weight"][sel], minlength=bins)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        out["groups"][g] = {"count": count.tolist(), "mean_weight": mean.tolist()}
     return out

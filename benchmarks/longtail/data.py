@@ -1,11 +1,13 @@
-"""Offline long-tailed data sets: Fashion-MNIST-LT (Debian's dataset-fashion-mnist) and
-digits-LT (scikit-learn's bundled digits). Nothing is downloaded at run time."""
+"""Offline long-tailed data sets: Fashion-MNIST-LT and Fashion-MNIST hidden stratification
+(Debian's dataset-fashion-mnist) and digits-LT (scikit-learn's bundled digits). Nothing is
+downloaded at run time."""
 
 from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +21,10 @@ FASHION_CLASSES = (
 class LongTailData:
     """A long-tailed training set with a balanced test set.
 
-    ``groups`` maps each class to "many", "medium" or "few" by its training count.
+    ``groups`` maps each class to "many", "medium" or "few" by its training count. A data set
+    with hidden subclasses (``fashion_hidden_strata``) also carries every example's subclass
+    (``sub_train``, ``sub_test``), their names, and ``rare_subclasses``: its training labels
+    are the superclasses, and the tail is the rare subclasses, which the labels do not show.
     """
 
     name: str
@@ -31,6 +36,22 @@ class LongTailData:
     counts: np.ndarray
     groups: tuple[str, ...]
     image_shape: tuple[int, int] | None
+    sub_train: np.ndarray | None = None
+    sub_test: np.ndarray | None = None
+    subclass_names: tuple[str, ...] = ()
+    rare_subclasses: tuple[int, ...] = ()
+
+    def example_groups(self, index: np.ndarray) -> np.ndarray:
+        """The group ("many", "medium" or "few") of the training examples ``index``, shape (n,).
+
+        By class for a long-tailed set; with hidden subclasses, "few" for the rare subclasses'
+        examples and "many" for the rest.
+        """
+        index = np.asarray(index)
+        if self.sub_train is not None:
+            rare = np.isin(self.sub_train[index], np.asarray(self.rare_subclasses))
+            return np.where(rare, "few", "many")
+        return np.asarray(np.asarray(self.groups, dtype=object)[self.y_train[index]].astype(str))
 
 
 def fashion_mnist_available() -> bool:
@@ -93,8 +114,8 @@ def make_long_tail(
     )
 
 
-def fashion_mnist_lt(imbalance: float = 100.0, seed: int = 0) -> LongTailData:
-    """Fashion-MNIST-LT: exponential profile, balanced test set (1000 per class)."""
+def _fashion() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fashion-MNIST train and test images (standardised with the training mean/std) and labels."""
 
     def load(prefix: str) -> tuple[np.ndarray, np.ndarray]:
         images = _read_idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 784)
@@ -104,11 +125,69 @@ def fashion_mnist_lt(imbalance: float = 100.0, seed: int = 0) -> LongTailData:
     x, y = load("train")
     x_test, y_test = load("t10k")
     mean, std = x.mean(), x.std()
-    x, x_test = (x - mean) / std, (x_test - mean) / std
+    return (x - mean) / std, y, (x_test - mean) / std, y_test
+
+
+def fashion_mnist_lt(imbalance: float = 100.0, seed: int = 0) -> LongTailData:
+    """Fashion-MNIST-LT: exponential profile, balanced test set (1000 per class)."""
+    x, y, x_test, y_test = _fashion()
     return make_long_tail(
         f"Fashion-MNIST-LT (r={imbalance:g})", x, y, x_test, y_test, FASHION_CLASSES,
         imbalance=imbalance, seed=seed, image_shape=(28, 28),
     )  # fmt: skip
+
+
+#: Hidden stratification: superclass k is Fashion-MNIST classes k (common) and k + 5 (rare).
+HIDDEN_PAIRS = tuple((k, k + 5) for k in range(5))
+HIDDEN_RARE_FRACTION = 0.02
+
+
+def fashion_hidden_strata(seed: int = 0, rare_fraction: float = HIDDEN_RARE_FRACTION) -> LongTailData:
+    """Fashion-MNIST with hidden stratification: 5 superclasses of 2 classes each.
+
+    Superclass ``k`` is class ``k`` (all of its 6000 training images, the common subclass)
+    plus class ``k + 5`` subsampled to ``rare_fraction`` (2%: 120 images, the rare
+    subclass), so the superclass counts stay near balanced (6120 each) and class-frequency
+    methods see no imbalance. The fixed pairing rule (k, k + 5) is documented, not chosen
+    by results. The training labels are the superclasses; the test set keeps 1000 images of
+    each of the 10 subclasses, so rare and common subclasses weigh alike in the metrics
+    (superclass balanced accuracy, rare-subclass accuracy, worst-subclass accuracy; the
+    hidden-stratification setting of Sohoni et al., 2020, and of JTT, Liu et al., 2021).
+    The subsample follows ``seed``.
+    """
+    x, y, x_test, y_test = _fashion()
+    rng = np.random.default_rng(seed)
+    superclass = np.zeros(10, dtype=np.int64)
+    for k, (common, rare) in enumerate(HIDDEN_PAIRS):
+        superclass[common] = superclass[rare] = k
+    rare_classes = tuple(rare for _, rare in HIDDEN_PAIRS)
+    keep = []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        keep.append(idx[: round(rare_fraction * len(idx))] if c in rare_classes else idx)
+    order = rng.permutation(np.concatenate(keep))
+    names = tuple(f"{FASHION_CLASSES[a]} + {FASHION_CLASSES[b]}" for a, b in HIDDEN_PAIRS)
+    counts = np.bincount(superclass[y[order]], minlength=5)
+    return LongTailData(
+        f"Fashion-MNIST hidden strata (rare subclasses {100 * rare_fraction:g}%)",
+        x[order], superclass[y[order]], x_test, superclass[y_test], names, counts,
+        ("many",) * 5, (28, 28),
+        sub_train=y[order], sub_test=y_test, subclass_names=FASHION_CLASSES, rare_subclasses=rare_classes,
+    )  # fmt: skip
+
+
+def subclass_metrics(pred: np.ndarray, data: LongTailData, sub: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Per-subclass accuracy of superclass predictions; rare, common and worst subclass (fractions)."""
+    n_sub = len(data.subclass_names)
+    hits = np.bincount(sub, weights=(pred == y).astype(np.float64), minlength=n_sub)
+    per_sub = hits / np.maximum(np.bincount(sub, minlength=n_sub), 1)
+    rare = np.isin(np.arange(n_sub), np.asarray(data.rare_subclasses))
+    return {
+        "per_subclass": per_sub,
+        "rare_subclass": float(per_sub[rare].mean()),
+        "common_subclass": float(per_sub[~rare].mean()),
+        "worst_subclass": float(per_sub.min()),
+    }
 
 
 def digits_lt(imbalance: float = 10.0, seed: int = 0) -> LongTailData:

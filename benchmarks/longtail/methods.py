@@ -25,17 +25,23 @@ from gradtail_torch import GradTail
 
 @dataclass(frozen=True)
 class Context:
-    """What a method may know about a run (class counts only for the label-aware ones)."""
+    """What a method may know about a run (class counts only for the label-aware ones).
+
+    ``misclassified(epochs)`` trains a fresh uniform model for ``epochs`` epochs and returns
+    which training examples it gets wrong, shape (n_train,) bool (JTT's first phase).
+    """
 
     model: nn.Module
     counts: np.ndarray
     steps_per_epoch: int
     warmup_steps: int
+    misclassified: Callable[[int], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One training batch: per-example losses (with graph), logits, labels, global step."""
+    """One training batch: per-example losses (with graph), logits, labels, global step and
+    the examples' indices into the training set (when the loop knows them)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
@@ -169,6 +175,46 @@ class GradTailMemoryWeighting(GradTailWeighting):
         return self.gt.weights(batch.loss, index=self._index(batch))
 
 
+class JTT(Weighting):
+    """Just Train Twice (Liu et al., 2021, "Just Train Twice: Improving Group Robustness
+    without Training Group Information", ICML): a uniform model trained for
+    ``identify_epochs`` epochs flags its misclassified training examples (the error set);
+    the run then trains from scratch with the error set's loss weighted ``upweight``
+    (weights normalised to mean 1 over the training set). Label-frequency-free; needs the
+    examples' indices."""
+
+    def __init__(self, ctx: Context, *, identify_epochs: int = 1, upweight: float = 20.0) -> None:
+        if ctx.misclassified is None:
+            raise ValueError("JTT needs ctx.misclassified (the training loop's first phase); Received: None.")
+        errors = np.asarray(ctx.misclassified(identify_epochs), dtype=bool)
+        w = np.where(errors, upweight, 1.0)
+        self.table = torch.as_tensor(w / w.mean(), dtype=torch.float32)
+        self.error_fraction = float(errors.mean())
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        if batch.index is None:
+            raise ValueError("JTT needs the batch's example indices; Received: Batch(index=None).")
+        return self.table[batch.index]
+
+
+class ClassBalancedGradTail(GradTailWeighting):
+    """GradTail on top of class-balanced weights: ``w_i = c_{y_i} g_i`` renormalised so the
+    batch keeps the class-balanced weights' batch sum (``c``: effective-number class weights,
+    Cui et al., 2019; ``g``: GradTail's weights)."""
+
+    def __init__(self, ctx: Context, *, beta: float = 0.999, **options: Any) -> None:
+        super().__init__(ctx, **options)
+        self.table = torch.as_tensor(class_weights_effective_number(ctx.counts, beta), dtype=torch.float32)
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        return Weighting.backward(self, batch)
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        g = self.gt.weights(batch.loss).detach()
+        c = self.table[batch.y].to(g.dtype)
+        return c * g * (c.sum() / (c * g).sum())
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -226,7 +272,8 @@ _ALL = (
     Method(
         "gradtail",
         "GradTail (defaults)",
-        "GradTail(model): every nn.Linear scored jointly, library defaults, one-epoch warm-up",
+        "GradTail(model): every nn.Linear scored jointly, the library defaults (gradtail_ops.defaults) "
+        "with the recommended one-epoch warm-up",
         GradTailWeighting,
         gradtail=True,
     ),
@@ -245,6 +292,23 @@ _ALL = (
         lambda ctx, **o: GradTailMemoryWeighting(ctx, **({"memory_decay": 0.8, "memory_eta": 1.5} | o)),
         gradtail=True,
         options={"memory_decay": 0.8, "memory_eta": 1.5},
+    ),
+    Method(
+        "jtt",
+        "JTT (Liu et al.)",
+        "Just Train Twice: a uniform model trained 1 epoch (seed + 1) flags its misclassified training "
+        "examples; retrain from scratch with their loss weighted 20 (mean 1 over the training set)",
+        JTT,
+        options={"identify_epochs": 1, "upweight": 20.0},
+    ),
+    Method(
+        "class_balanced_gradtail",
+        "class-balanced x GradTail",
+        "class-balanced weights times GradTail (defaults) weights, renormalised to the class-balanced "
+        "batch sum",
+        ClassBalancedGradTail,
+        uses_class_counts=True,
+        gradtail=True,
     ),
     Method(
         "gradtail_mean",

@@ -1,24 +1,30 @@
 """The long-tail evidence suite: every weighting method on every data set, several seeds.
 
-For every (data set, method, seed) it trains the MLP of ``train.py`` (784 -> 512 -> 256 -> 10,
-Adam 1e-3, batch 128) and records test balanced accuracy, many/medium/few-shot class
-accuracy, validation balanced accuracy, seconds per epoch, the paired difference to uniform
+For every (data set, method, seed) it trains the MLP of ``train.py`` (784 -> 512 -> 256 -> C,
+Adam 1e-3, batch 128) and records, after every epoch, the balanced accuracy on a validation
+half and on a test half of the balanced test pool. It reports the test metrics at the epoch
+of best validation balanced accuracy (validation-based selection), after the last epoch and
+averaged over the late epochs; many/medium/few-shot class accuracy (rare / worst subclass on
+the hidden-stratification set), seconds per epoch, the paired difference to uniform
 weighting of the same seed and, from every training step's per-example scores, how well
-GradTail's alignment (and the loss, as a baseline) finds the few-shot classes' examples
-(AUROC at 10%, 50% and 100% of training). Aggregates over seeds, figures and a JSON file
-for ``benchmarks/render_tables.py`` (``docs/benchmarks.md``, "Long-tailed data").
+GradTail's alignment (and the loss, as a baseline) finds the tail's examples (AUROC at 10%,
+50% and 100% of training). Aggregates over seeds, figures and a JSON file for
+``benchmarks/render_tables.py`` (``docs/benchmarks.md``, "Long-tailed data").
 
 Usage::
 
-    .venv/bin/python -m benchmarks.longtail.run                     # full run, ~12-15 min on 2 cores
-    .venv/bin/python -m benchmarks.longtail.run --quick             # smoke run, ~1 min
+    .venv/bin/python -m benchmarks.longtail.run --jobs 2            # the full run (docs/method.md)
+    .venv/bin/python -m benchmarks.longtail.run --quick             # smoke run, < 3 min
     .venv/bin/python -m benchmarks.longtail.run --datasets digits_lt10 --methods uniform gradtail
+    .venv/bin/python -m benchmarks.longtail.run --sweep --datasets fashion_lt100 \\
+        --methods uniform --variant head_d999 head_only=true decay=0.999   # a variant sweep
     .venv/bin/python benchmarks/render_tables.py                    # tables into docs/benchmarks.md
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -34,29 +40,47 @@ from tqdm import tqdm
 import gradtail_ops
 
 from .. import _meta
-from .analysis import HIST_MARKS, MARKS, alignment_histograms, tail_detection, weight_by_group
+from .analysis import (
+    HIST_MARKS,
+    MARKS,
+    alignment_histograms,
+    tail_detection,
+    weight_by_group,
+    weight_vs_score,
+)
 from .datasets import DATASETS, SPLIT_SEED, load_dataset
-from .methods import METHODS
+from .methods import METHODS, Context, GradTailWeighting, Method, Weighting
 from .metrics import GROUPS, mean_std
 from .train import train
 
 BENCHMARK = "longtail"
+SWEEP_BENCHMARK = "longtail_sweep"
 SCHEMA_VERSION = 1
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path("benchmarks/results/longtail.json")
 QUICK_OUT = Path("results/longtail_quick.json")
-DEFAULT_SEEDS = (0, 1, 2)
+#: Scalar test metrics; each is reported after the last epoch (``k``), as the mean over the
+#: late epochs (``late_k``) and at the epoch of best validation balanced accuracy
+#: (``selected_k``). The subclass ones exist for hidden-stratification data sets only.
+SCALARS = ("accuracy", "balanced_accuracy", "many", "medium", "few", "rare_subclass", "worst_subclass")
 DELTA_METRICS = (
-    "balanced_accuracy",
-    "late_balanced_accuracy",
-    "many",
-    "medium",
-    "few",
-    "accuracy",
+    *(f"{prefix}{k}" for prefix in ("", "late_", "selected_") for k in SCALARS),
     "val_balanced_accuracy",
     "val_late_balanced_accuracy",
+    "val_selected_balanced_accuracy",
 )
 LATE_FRACTION = 0.25
+#: The methods of the full run (``--methods`` picks others, e.g. the per-example memory ones).
+SUITE_METHODS = (
+    "uniform",
+    "inverse_frequency",
+    "class_balanced",
+    "focal",
+    "loss_rank",
+    "jtt",
+    "gradtail",
+    "class_balanced_gradtail",
+)
 
 
 def late_epochs(epochs: int) -> int:
@@ -64,10 +88,18 @@ def late_epochs(epochs: int) -> int:
     return max(1, round(LATE_FRACTION * epochs))
 
 
-def _metric(row: dict[str, Any], key: str) -> float:
-    if key.startswith("val_"):
-        return float(row["val"][key[len("val_") :]])
-    return float(row["test"][key])
+def _metric(row: dict[str, Any], key: str) -> float | None:
+    part, name = ("val", key[len("val_") :]) if key.startswith("val_") else ("test", key)
+    value = row[part].get(name)
+    return None if value is None else float(value)
+
+
+def selected_epoch(val_curve: Sequence[float]) -> int:
+    """The epoch (0-based) of the best validation balanced accuracy; the earliest on ties.
+
+    Selection sees the validation half only; the test half is read at the chosen epoch.
+    """
+    return int(np.argmax(np.asarray(val_curve, dtype=np.float64)))
 
 
 # ------------------------------------------------------------------------------- machine
@@ -105,12 +137,25 @@ def run_one(
         epochs=epochs,
         warmup_epochs=args.warmup_epochs,
         progress=bar,
-        validation=(split.x_val, split.y_val),
+        validation=(split.x_val, split.y_val, split.sub_val),
         record_scores=True,
         test_every_epoch=True,
     )
     k = late_epochs(epochs)
+    best = selected_epoch(result.val_curve)
     total_steps = result.steps_per_epoch * epochs
+    final, chosen, late = result.test_metrics[-1], result.test_metrics[best], result.test_metrics[-k:]
+    test: dict[str, Any] = {}
+    for key in SCALARS:
+        if key in final:
+            test[key] = _pct(final[key])
+            test[f"late_{key}"] = _pct(float(np.mean([m[key] for m in late])))
+            test[f"selected_{key}"] = _pct(chosen[key])
+    test["per_class"] = [_pct(a) for a in final["per_class"]]
+    test["selected_per_class"] = [_pct(a) for a in chosen["per_class"]]
+    if "per_subclass" in final:
+        test["per_subclass"] = [_pct(a) for a in final["per_subclass"]]
+        test["selected_per_subclass"] = [_pct(a) for a in chosen["per_subclass"]]
     row: dict[str, Any] = {
         "dataset": dataset,
         "method": method,
@@ -118,32 +163,86 @@ def run_one(
         "epochs": epochs,
         "steps_per_epoch": result.steps_per_epoch,
         "n_train": len(data.y_train),
-        "test": {
-            "accuracy": _pct(result.accuracy),
-            "balanced_accuracy": _pct(result.balanced_accuracy),
-            **{g: _pct(result.group_accuracy[g]) for g in GROUPS},
-            "late_balanced_accuracy": _pct(float(np.mean(result.test_curve[-k:]))),
-            "per_class": [_pct(a) for a in result.per_class_accuracy],
-        },
+        "selected_epoch": best + 1,
+        "test": test,
         "val": {
-            "balanced_accuracy": _pct(result.val_balanced_accuracy),
+            "balanced_accuracy": _pct(result.val_curve[-1]),
             "late_balanced_accuracy": _pct(float(np.mean(result.val_curve[-k:]))),
+            "selected_balanced_accuracy": _pct(result.val_curve[best]),
             "curve": [_pct(a) for a in result.val_curve],
         },
         "late_epochs": k,
         "seconds_per_epoch": result.seconds_per_epoch,
         "wall_seconds": result.wall_seconds,
-        "tail_detection": tail_detection(
-            result.scores, total_steps=total_steps, groups=data.groups, marks=args.marks, width=args.window
-        ),
     }
+    groups = data.example_groups(result.scores["index"])
+    row["tail_detection"] = tail_detection(
+        result.scores, total_steps=total_steps, groups=groups, marks=args.marks, width=args.window
+    )
     warmup_steps = round(args.warmup_epochs * result.steps_per_epoch)
-    row["weight_by_group"] = weight_by_group(result.scores, groups=data.groups, start_step=warmup_steps)
+    row["weight_by_group"] = weight_by_group(result.scores, groups=groups, start_step=warmup_steps)
     if "alignment" in result.scores:
         row["alignment_histograms"] = alignment_histograms(
-            result.scores, total_steps=total_steps, groups=data.groups, marks=HIST_MARKS, width=args.window
+            result.scores, total_steps=total_steps, groups=groups, marks=HIST_MARKS, width=args.window
         )
+        row["weight_vs_score"] = weight_vs_score(result.scores, groups=groups, start_step=warmup_steps)
     return row
+
+
+def run_key(dataset: str, seed: int, method: str, epochs: int, args: argparse.Namespace) -> str:
+    """What determines a run: data set, seed, epochs, warm-up, the method's options and, for
+    GradTail methods, the library defaults. Training is deterministic (one thread, seeded), so
+    two runs with one key give the same numbers; ``--checkpoint`` reuses runs by this key."""
+    spec = METHODS[method]
+    key: dict[str, Any] = {
+        "dataset": dataset,
+        "seed": seed,
+        "method": method,
+        "epochs": epochs,
+        "warmup_epochs": args.warmup_epochs,
+        "options": spec.options,
+        "marks": list(args.marks),
+        "window": args.window,
+    }
+    if spec.gradtail:
+        key["defaults"] = [
+            gradtail_ops.DEFAULT_REFERENCE,
+            gradtail_ops.DEFAULT_DECAY,
+            repr(gradtail_ops.DEFAULT_CURVE),
+            gradtail_ops.DEFAULT_WARMUP_STEPS,
+            spec.description,
+        ]
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def load_checkpoint(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Rows of earlier runs saved by ``--checkpoint`` (one JSON object per line), by run key."""
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            out[entry["key"]] = entry["row"]
+    return out
+
+
+def save_checkpoint(path: Path | None, key: str, row: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"key": key, "row": _clean(row)}) + "\n")
+
+
+@functools.lru_cache(maxsize=2)
+def _split(dataset: str, seed: int) -> Any:
+    return load_dataset(dataset, seed)
+
+
+def _run_task(task: tuple[str, int, str, int], args: argparse.Namespace) -> dict[str, Any]:
+    """One run in a worker process (``--jobs``)."""
+    dataset, seed, method, n_epochs = task
+    return run_one(_split(dataset, seed), dataset, method, seed, n_epochs, args, None)
 
 
 def add_deltas(rows: list[dict[str, Any]]) -> None:
@@ -154,7 +253,11 @@ def add_deltas(rows: list[dict[str, Any]]) -> None:
         if b is None:
             r["delta_vs_uniform"] = None
             continue
-        r["delta_vs_uniform"] = {k: _metric(r, k) - _metric(b, k) for k in DELTA_METRICS}
+        r["delta_vs_uniform"] = {}
+        for k in DELTA_METRICS:
+            mine, theirs = _metric(r, k), _metric(b, k)
+            if mine is not None and theirs is not None:
+                r["delta_vs_uniform"][k] = mine - theirs
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -170,17 +273,31 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "n_seeds": len(group),
             "test": {
                 k: mean_std([r["test"][k] for r in group])
-                for k in ("accuracy", "balanced_accuracy", "late_balanced_accuracy", *GROUPS)
+                for k, v in group[0]["test"].items()
+                if not isinstance(v, list)
             },
             "per_class_mean": np.mean([r["test"]["per_class"] for r in group], axis=0).tolist(),
+            "selected_per_class_mean": np.mean(
+                [r["test"]["selected_per_class"] for r in group], axis=0
+            ).tolist(),
+            "selected_epoch": mean_std([r["selected_epoch"] for r in group]),
             "val_balanced_accuracy": mean_std([r["val"]["balanced_accuracy"] for r in group]),
             "val_late_balanced_accuracy": mean_std([r["val"]["late_balanced_accuracy"] for r in group]),
+            "val_selected_balanced_accuracy": mean_std(
+                [r["val"]["selected_balanced_accuracy"] for r in group]
+            ),
             "seconds_per_epoch": mean_std([r["seconds_per_epoch"] for r in group]),
             "weight_by_group": {g: mean_std([r["weight_by_group"][g] for r in group]) for g in GROUPS},
         }
+        if "per_subclass" in group[0]["test"]:
+            agg["selected_per_subclass_mean"] = np.mean(
+                [r["test"]["selected_per_subclass"] for r in group], axis=0
+            ).tolist()
         if all(r.get("delta_vs_uniform") is not None for r in group):
             agg["delta_vs_uniform"] = {}
             for k in DELTA_METRICS:
+                if any(k not in r["delta_vs_uniform"] for r in group):
+                    continue
                 values = [r["delta_vs_uniform"][k] for r in group]
                 agg["delta_vs_uniform"][k] = mean_std(values) | {
                     "n_positive": sum(v > 0 for v in values),
@@ -242,6 +359,66 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+# ------------------------------------------------------------------------------ variants
+
+VARIANT_KEYS: dict[str, Any] = {
+    "head_only": bool,
+    "reference": str,
+    "decay": float,
+    "kind": str,
+    "quantile": float,
+    "max_weight": float,
+    "threshold": float,
+    "temperature": float,
+    "floor": float,
+    "normalize": bool,
+    "warmup_steps": int,
+    "warmup_epochs": float,
+}
+
+
+def parse_variant_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["head_only=true", "max_weight=5"]`` -> ``{"head_only": True, "max_weight": 5.0}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in VARIANT_KEYS:
+            raise SystemExit(
+                f"--variant options are KEY=VALUE with KEY one of {sorted(VARIANT_KEYS)}; Received: {item!r}."
+            )
+        kind = VARIANT_KEYS[key]
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--variant {key} must be true or false; Received: {value!r}.")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            out[key] = kind(value)
+    return out
+
+
+def register_variant(name: str, options: dict[str, Any]) -> None:
+    """Add a GradTail variant to ``METHODS`` (the registry the training loop reads)."""
+    if name in METHODS:
+        raise SystemExit(f"--variant NAME must be new; Received: {name!r}, already a method.")
+    text = ", ".join(f"{k}={v}" for k, v in options.items()) or "no changes"
+
+    def make(ctx: Context, **more: Any) -> Weighting:
+        opts = dict(options) | more
+        warmup_epochs = opts.pop("warmup_epochs", None)
+        if warmup_epochs is not None:
+            opts["warmup_steps"] = round(warmup_epochs * ctx.steps_per_epoch)
+        return GradTailWeighting(ctx, **opts)
+
+    METHODS[name] = Method(
+        name,
+        f"GradTail variant {name}",
+        f"GradTail (defaults) with {text}",
+        make,
+        gradtail=True,
+        options=dict(options),
+    )
+
+
 # ----------------------------------------------------------------------------------- CLI
 
 
@@ -262,14 +439,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         nargs="+",
-        choices=tuple(METHODS),
-        default=list(METHODS),
+        default=None,
         metavar="NAME",
-        help=f"methods (benchmarks/longtail/methods.py), from {', '.join(METHODS)} (default: all; "
-        "uniform always runs first when given, every delta is paired with it)",
+        help="methods (benchmarks/longtail/methods.py), from "
+        + ", ".join(METHODS)
+        + " (default: "
+        + " ".join(SUITE_METHODS)
+        + "; uniform always runs first, every delta is paired with it; "
+        "on a hidden-stratification set the default skips the class-count methods, whose weights "
+        "are all 1 there, i.e. uniform)",
     )
     p.add_argument(
-        "--seeds", nargs="+", type=int, default=None, help=f"default {list(DEFAULT_SEEDS)}; --quick: [0]"
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="seeds for every data set (default per data set: "
+        + ", ".join(f"{k} {list(v.seeds)}" for k, v in DATASETS.items())
+        + "; --quick: [0])",
     )
     p.add_argument(
         "--epochs",
@@ -301,7 +488,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="AUROC window: the steps in (mark - window, mark] (default: 0.05)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
-    p.add_argument("--quick", action="store_true", help="1 seed, few epochs: a smoke run in about a minute")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs in parallel, one process each with --threads threads (default: 1); more jobs "
+        "make seconds/epoch noisier, not the accuracies",
+    )
+    p.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME [KEY=VALUE ...]",
+        help="add a GradTail variant as a method NAME (repeatable): GradTail options as KEY=VALUE "
+        f"({', '.join(sorted(VARIANT_KEYS))}), e.g. --variant head_w5 head_only=true max_weight=5; "
+        "warmup_epochs replaces the suite's --warmup-epochs for it",
+    )
+    p.add_argument("--quick", action="store_true", help="1 seed, few epochs: a smoke run, < 3 minutes")
     p.add_argument(
         "--out", type=Path, default=None, help=f"JSON output (default {DEFAULT_OUT}; --quick {QUICK_OUT})"
     )
@@ -309,11 +513,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--figures-dir", type=Path, default=None, help="PNG output (default: figures/ beside --out)"
     )
     p.add_argument("--no-figures", action="store_true", help="write no figures")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help=f'a variant sweep: the JSON is benchmark "{SWEEP_BENCHMARK}" (its own table in '
+        "docs/benchmarks.md, variants ranked by validation only)",
+    )
     p.add_argument("--note", default=None, help="free text stored in the JSON (e.g. why epochs were cut)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="JSON-lines file: every finished run is appended to it, and runs already in it with "
+        "the same key (data set, seed, method and its options, epochs, warm-up, GradTail defaults) "
+        "are reused instead of rerun (training is deterministic), so an interrupted or extended "
+        "run picks up where it stopped",
+    )
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="more --checkpoint files to reuse runs from (read only; e.g. from runs in parallel)",
+    )
     args = p.parse_args(argv)
-    if args.seeds is None:
-        args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
+    args.methods_given = args.methods is not None
+    if args.methods is None:
+        args.methods = list(SUITE_METHODS)
+    for spec in args.variant:
+        register_variant(spec[0], parse_variant_options(spec[1:]))
+        if spec[0] not in args.methods:
+            args.methods.append(spec[0])
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    args.seeds_given = args.seeds is not None
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     if args.figures_dir is None:
@@ -333,43 +568,99 @@ def main(argv: Sequence[str] | None = None) -> int:
         d: args.epochs or (DATASETS[d].quick_epochs if args.quick else DATASETS[d].epochs)
         for d in args.datasets
     }
-    rows: list[dict[str, Any]] = []
+    seeds = {
+        d: list(args.seeds) if args.seeds_given else [0] if args.quick else list(DATASETS[d].seeds)
+        for d in args.datasets
+    }
     datasets_info: dict[str, Any] = {}
-    bar = tqdm(total=0, unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    tasks = []
     for dataset in args.datasets:
-        for seed in args.seeds:
-            split = load_dataset(dataset, seed)
-            data = split.data
-            if dataset not in datasets_info:
-                steps = int(np.ceil(len(data.y_train) / 128)) * epochs[dataset]
-                bar.total += steps * len(methods) * len(args.seeds)
-                bar.refresh()
-                datasets_info[dataset] = {
-                    "description": DATASETS[dataset].description,
-                    "name": data.name,
-                    "class_names": list(data.class_names),
-                    "counts": [int(c) for c in data.counts],
-                    "groups": list(data.groups),
-                    "n_train": len(data.y_train),
-                    "n_val": len(split.y_val),
-                    "n_test": len(data.y_test),
-                    "epochs": epochs[dataset],
-                }
-            for method in methods:
-                bar.set_postfix_str(f"{dataset} {method} seed {seed}")
-                rows.append(run_one(split, dataset, method, seed, epochs[dataset], args, bar))
+        split = load_dataset(dataset, seeds[dataset][0])
+        data = split.data
+        datasets_info[dataset] = {
+            "description": DATASETS[dataset].description,
+            "name": data.name,
+            "class_names": list(data.class_names),
+            "counts": [int(c) for c in data.counts],
+            "groups": list(data.groups),
+            "n_train": len(data.y_train),
+            "n_val": len(split.y_val),
+            "n_test": len(data.y_test),
+            "epochs": epochs[dataset],
+        }
+        if data.sub_train is not None:
+            datasets_info[dataset] |= {
+                "hidden": True,
+                "subclass_names": list(data.subclass_names),
+                "rare_subclasses": list(data.rare_subclasses),
+                "subclass_counts": np.bincount(data.sub_train, minlength=len(data.subclass_names)).tolist(),
+            }
+        steps = int(np.ceil(len(data.y_train) / 128)) * epochs[dataset]
+        skip = DATASETS[dataset].hidden and not args.methods_given
+        tasks += [
+            (dataset, s, m, epochs[dataset], steps)
+            for s in seeds[dataset]
+            for m in methods
+            if not (skip and METHODS[m].uses_class_counts)
+        ]
+    bar = tqdm(
+        total=sum(t[-1] for t in tasks),
+        unit="step",
+        disable=args.no_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    results: dict[tuple[str, int, str], dict[str, Any]] = {}
+    cached: dict[str, dict[str, Any]] = {}
+    for path in [*args.reuse, args.checkpoint]:
+        cached |= load_checkpoint(path)
+    reused = []
+    for t in list(tasks):
+        row = cached.get(run_key(*t[:4], args))
+        if row is not None:
+            results[t[:3]] = row
+            reused.append(t)
+            bar.update(t[-1])
+    todo = [t for t in tasks if t not in reused]
+
+    def done(task: tuple[str, int, str, int, int], row: dict[str, Any]) -> None:
+        results[task[:3]] = row
+        save_checkpoint(args.checkpoint, run_key(*task[:4], args), row)
+
+    if args.jobs <= 1:
+        for task in todo:
+            dataset, seed, method, n_epochs, _ = task
+            bar.set_postfix_str(f"{dataset} {method} seed {seed}")
+            done(task, run_one(_split(dataset, seed), dataset, method, seed, n_epochs, args, bar))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
+            initargs=(args.threads,),
+        ) as pool:  # fmt: skip
+            futures = {pool.submit(_run_task, t[:4], args): t for t in todo}
+            for future in as_completed(futures):
+                task = futures[future]
+                dataset, seed, method, _, steps = task
+                done(task, future.result())
+                bar.update(steps)
+                bar.set_postfix_str(f"done {dataset} {method} seed {seed}")
+    rows = [results[t[:3]] for t in tasks]
     bar.close()
     add_deltas(rows)
     machine |= _meta.load_fields(load_before, _meta.load_average())
     defaults = {d: DATASETS[d].epochs for d in args.datasets}
-    deviations = {}
+    deviations: dict[str, Any] = {}
     if not args.quick and epochs != defaults:
         deviations["epochs"] = {"used": epochs, "default": defaults}
-    if not args.quick and list(args.seeds) != list(DEFAULT_SEEDS):
-        deviations["seeds"] = {"used": list(args.seeds), "default": list(DEFAULT_SEEDS)}
+    default_seeds = {d: list(DATASETS[d].seeds) for d in args.datasets}
+    if not args.quick and seeds != default_seeds:
+        deviations["seeds"] = {"used": seeds, "default": default_seeds}
     doc: dict[str, Any] = {
         **_meta.run_header(
-            BENCHMARK,
+            SWEEP_BENCHMARK if args.sweep else BENCHMARK,
             SCHEMA_VERSION,
             _meta.command_line(argv, prog="python -m benchmarks.longtail.run"),
             quick=bool(args.quick),
@@ -378,30 +669,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dtype": "float32",
         "machine": machine,
         "config": {
-            "model": "MLP d_in -> 512 -> 256 -> 10 (ReLU)",
+            "model": "MLP d_in -> 512 -> 256 -> C (ReLU; C classes or superclasses)",
             "optimizer": "Adam, lr 1e-3",
             "batch_size": 128,
             "epochs": epochs,
-            "seeds": list(args.seeds),
+            "seeds": seeds,
             "warmup_epochs": args.warmup_epochs,
             "late_fraction": LATE_FRACTION,
             "split": "balanced test pool split per class into validation and test halves "
             f"(seed {SPLIT_SEED}); the long-tailed training subsample and the initialisation follow "
             "the run seed",
-            "metrics": "accuracies in percent on the test half after the last epoch; "
-            "late_balanced_accuracy: the mean of the balanced accuracies after each of the last "
-            f"{100 * LATE_FRACTION:g}% of epochs (a fixed set, no selection; it damps the epoch-to-epoch "
-            "swing of the rare classes); deltas in percentage points, paired with uniform of the same data "
-            "set and seed; validation: the same after the last epoch and over the late epochs (val.curve: "
-            "after every epoch; the test half keeps no curve, so selection can only use validation)",
+            "metrics": "accuracies in percent on the test half; each after the last epoch, as the "
+            f"late mean (the mean over the last {100 * LATE_FRACTION:g}% of epochs, a fixed set) and at "
+            "the selected epoch (the epoch of best validation balanced accuracy of that run: "
+            "validation-based selection, the test half is only read at the chosen epoch); deltas in "
+            "percentage points, paired with uniform of the same data set and seed; hidden-"
+            "stratification sets: balanced accuracy over the superclasses, rare_subclass = mean "
+            "accuracy over the rare subclasses' test images, worst_subclass = the lowest subclass "
+            "accuracy (their test and validation halves are split per subclass)",
+            "selection": "per run, the epoch with the highest validation balanced accuracy (earliest on "
+            "ties); validation never sees the test half, and no method option is chosen on test",
             "seconds_per_epoch": "training steps only (slicing, forward, weighting, backward, Adam step), "
             f"{args.threads} intra-op thread(s); excludes recording and evaluation",
             "tail_detection": {
                 "marks": list(args.marks),
                 "window": args.window,
-                "text": "AUROC of a per-example score for membership in a few-shot class, over every "
-                "training example of the steps in (mark - window, mark] of training: -alignment for "
-                "GradTail (its own training run), the loss (before the step's update) for every method",
+                "text": "AUROC of a per-example score for membership in the tail (a few-shot class; "
+                "a rare subclass on hidden-stratification sets), over every training example of the "
+                "steps in (mark - window, mark] of training: -alignment for GradTail (its own training "
+                "run), the loss (before the step's update) for every method",
             },
             "gradtail_defaults": {
                 "reference": gradtail_ops.DEFAULT_REFERENCE,
@@ -412,11 +708,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "max_weight": gradtail_ops.DEFAULT_CURVE.max_weight,
                     "normalize": gradtail_ops.DEFAULT_CURVE.normalize,
                 },
-                "warmup_steps": "one epoch (set by the suite)",
+                "warmup_steps": f"{gradtail_ops.DEFAULT_WARMUP_STEPS} in the library; the suite passes "
+                "one epoch (the recommended setting)",
             },
         },
         "deviations": deviations or None,
         "note": args.note,
+        "checkpoint": None
+        if args.checkpoint is None
+        else {
+            "path": _rel(args.checkpoint),
+            "reuse": [_rel(p) for p in args.reuse],
+            "reused_runs": len(reused),
+            "new_runs": len(todo),
+        },
         "methods": {
             m: {
                 "label": METHODS[m].label,
@@ -442,27 +747,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _delta_text(d: dict[str, Any], key: str, n: int, label: str) -> str:
+    if key not in d:
+        return ""
+    v = d[key]
+    return f" {label} {v['mean']:+6.2f} ± {v['std']:.2f} ({v['n_positive']}/{n})"
+
+
 def summary(doc: dict[str, Any]) -> str:
     """A plain-text table of the aggregates (what the renderer writes as Markdown)."""
     lines = []
     for agg in doc["aggregates"]:
         d = agg["delta_vs_uniform"]
-        bal = agg["test"]["balanced_accuracy"]
-        delta = (
-            ""
-            if d is None
-            else (
-                f" d_bal {d['balanced_accuracy']['mean']:+6.2f} ± {d['balanced_accuracy']['std']:.2f}"
-                f" ({d['balanced_accuracy']['n_positive']}/{agg['n_seeds']} >0)"
-                f" d_late {d['late_balanced_accuracy']['mean']:+6.2f}"
-                f" ({d['late_balanced_accuracy']['n_positive']}/{agg['n_seeds']} >0)"
-                f" d_few {d['few']['mean']:+6.2f}"
+        bal = agg["test"]["selected_balanced_accuracy"]
+        n = agg["n_seeds"]
+        delta = ""
+        if d is not None:
+            delta = (
+                _delta_text(d, "selected_balanced_accuracy", n, "d_sel")
+                + _delta_text(d, "late_balanced_accuracy", n, "d_late")
+                + _delta_text(d, "selected_few", n, "d_few")
+                + _delta_text(d, "selected_rare_subclass", n, "d_rare")
+                + _delta_text(d, "selected_worst_subclass", n, "d_worst")
+                + _delta_text(d, "val_late_balanced_accuracy", n, "d_val_late")
             )
-        )
         td = agg["tail_detection"].get("alignment") or {}
         aur = " ".join(f"{m}:{v['mean']:.2f}" for m, v in td.items() if v["mean"] is not None)
         lines.append(
-            f"{agg['dataset']:<14} {agg['method']:<18} bal {bal['mean']:6.2f} ± {bal['std']:.2f}{delta}"
+            f"{agg['dataset']:<14} {agg['method']:<24} sel {bal['mean']:6.2f} ± {bal['std']:.2f}{delta}"
             + (f"  AUROC(-align) {aur}" if aur else "")
         )
     return "\n".join(lines)

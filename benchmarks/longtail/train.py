@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import LongTailData
+from .data import LongTailData, subclass_metrics
 from .methods import METHODS as ALL_METHODS
 from .methods import Batch, Context
 from .metrics import class_accuracies, group_means
@@ -28,8 +28,9 @@ class RunResult:
     """One training run: test metrics, per-class accuracy and a trace of GradTail's scores.
 
     ``scores`` (with ``record_scores=True``) holds, for every training example of every
-    step, ``step``, ``label``, ``loss`` (before that step's update) and the method's own
-    per-example scores (``alignment`` for GradTail).
+    step, ``step``, ``index`` (into the training set), ``label``, ``loss`` (before that
+    step's update), ``weight`` and the method's own per-example scores (``alignment`` for
+    GradTail). ``test_metrics`` / ``val_metrics`` hold ``metrics(...)`` after every epoch.
     """
 
     method: str
@@ -47,6 +48,9 @@ class RunResult:
     steps_per_epoch: int = 0
     epochs: int = 0
     wall_seconds: float = 0.0
+    test_metrics: list[dict[str, Any]] = field(default_factory=list)
+    val_metrics: list[dict[str, Any]] = field(default_factory=list)
+    model: nn.Module | None = None
 
 
 def mlp(d_in: int, n_classes: int, hidden: tuple[int, ...]) -> nn.Sequential:
@@ -67,12 +71,27 @@ def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
     return pred
 
 
-def evaluate(model: nn.Module, data: LongTailData) -> tuple[np.ndarray, float, float, dict[str, float]]:
-    """Per-class accuracy, accuracy, balanced accuracy and group accuracies on the test set."""
-    pred = predict(model, data.x_test)
-    per_class = class_accuracies(pred, data.y_test, len(data.class_names))
-    accuracy = float(np.mean(pred == data.y_test))
-    return per_class, accuracy, float(per_class.mean()), group_means(per_class, data.groups)
+def metrics(
+    pred: np.ndarray, y: np.ndarray, data: LongTailData, sub: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class and group accuracies (fractions) of ``pred``.
+
+    With hidden subclasses (``sub``, the examples' subclasses) the groups are by subclass:
+    "many" the common subclasses, "few" the rare ones; plus ``rare_subclass``,
+    ``worst_subclass`` and ``per_subclass``.
+    """
+    per_class = class_accuracies(pred, y, len(data.class_names))
+    out: dict[str, Any] = {
+        "accuracy": float(np.mean(pred == y)),
+        "balanced_accuracy": float(np.nanmean(per_class)),
+        "per_class": per_class,
+    }
+    if sub is None:
+        out |= group_means(per_class, data.groups)
+    else:
+        s = subclass_metrics(pred, data, sub, y)
+        out |= s | {"many": s["common_subclass"], "few": s["rare_subclass"]}
+    return out
 
 
 def train(
@@ -87,7 +106,7 @@ def train(
     gradtail_options: dict[str, Any] | None = None,
     warmup_epochs: float = 1.0,
     progress: Any = None,
-    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    validation: tuple[np.ndarray, ...] | None = None,
     record_scores: bool = False,
     method_options: dict[str, Any] | None = None,
     test_every_epoch: bool = False,
@@ -95,9 +114,10 @@ def train(
     """Train an MLP with Adam on ``data`` with one weighting ``method`` (``methods.METHODS``).
 
     ``gradtail_options`` go to ``GradTail`` for the GradTail methods, ``method_options`` to
-    any method's factory. ``validation=(x, y)`` adds the validation balanced accuracy after
-    every epoch, ``test_every_epoch=True`` the test balanced accuracy after every epoch
-    (``test_curve``, for averages over a fixed set of late epochs). ``seconds_per_epoch``
+    any method's factory. ``validation=(x, y)`` or ``(x, y, subclasses)`` adds the validation
+    metrics after every epoch (``val_curve``, ``val_metrics``), ``test_every_epoch=True`` the
+    test metrics after every epoch (``test_curve``, ``test_metrics``: for averages over a
+    fixed set of late epochs and for the epoch that validation selects). ``seconds_per_epoch``
     times the training steps only (batch slicing, forward, weighting, backward, optimiser
     step), not the recording or the evaluations.
     """
@@ -113,16 +133,33 @@ def train(
     x_all, y_all = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     n = len(y_all)
     steps_per_epoch = int(np.ceil(n / batch_size))
-    ctx = Context(model, np.asarray(data.counts), steps_per_epoch, round(warmup_epochs * steps_per_epoch))
+
+    def misclassified(identify_epochs: int) -> np.ndarray:
+        """JTT's error set: train a fresh uniform model (seed + 1) and flag its training errors."""
+        first = train(
+            data, "uniform", seed=seed + 1, epochs=identify_epochs, batch_size=batch_size, lr=lr,
+            hidden=hidden,
+        )  # fmt: skip
+        assert first.model is not None
+        return np.asarray(predict(first.model, data.x_train) != data.y_train)
+
+    ctx = Context(
+        model,
+        np.asarray(data.counts),
+        steps_per_epoch,
+        round(warmup_epochs * steps_per_epoch),
+        misclassified=misclassified,
+    )
     options = dict(method_options or {})
     if spec.gradtail:
         options |= dict(gradtail_options or {})
     weighting = spec.make(ctx, **options)
-    group_of = np.array([data.groups[c] for c in range(n_classes)])
     trace: dict[str, list[Any]] = {"epoch": [], "alignment": [], "weight": [], "group": []}
     recorded: dict[str, list[np.ndarray]] = {}
     val_curve: list[float] = []
     test_curve: list[float] = []
+    val_metrics: list[dict[str, Any]] = []
+    test_metrics: list[dict[str, Any]] = []
     train_seconds = 0.0
     global_step = 0
     for epoch in range(epochs):
@@ -141,6 +178,7 @@ def train(
             if record_scores:
                 for key, value in (
                     ("step", np.full(len(y), global_step, dtype=np.int32)),
+                    ("index", idx.numpy().astype(np.int32)),
                     ("label", y.numpy().astype(np.int16)),
                     ("loss", loss.detach().numpy().astype(np.float32)),
                     ("weight", w.detach().numpy().astype(np.float32)),
@@ -151,18 +189,21 @@ def train(
                 trace["epoch"] += [epoch] * len(y)
                 trace["alignment"] += scores["alignment"].tolist()
                 trace["weight"] += w.tolist()
-                trace["group"] += group_of[y.numpy()].tolist()
+                trace["group"] += data.example_groups(idx.numpy()).tolist()
             global_step += 1
             if progress is not None:
                 progress.update(1)
         if validation is not None:
-            pred = predict(model, validation[0])
-            val_curve.append(float(np.nanmean(class_accuracies(pred, validation[1], n_classes))))
+            sub_val = validation[2] if len(validation) > 2 else None
+            val_metrics.append(metrics(predict(model, validation[0]), validation[1], data, sub_val))
+            val_curve.append(val_metrics[-1]["balanced_accuracy"])
         if test_every_epoch:
-            pred = predict(model, data.x_test)
-            test_curve.append(float(np.nanmean(class_accuracies(pred, data.y_test, n_classes))))
+            test_metrics.append(metrics(predict(model, data.x_test), data.y_test, data, data.sub_test))
+            test_curve.append(test_metrics[-1]["balanced_accuracy"])
     weighting.close()
-    per_class, acc, bal, groups = evaluate(model, data)
+    final = metrics(predict(model, data.x_test), data.y_test, data, data.sub_test)
+    per_class, acc, bal = final["per_class"], final["accuracy"], final["balanced_accuracy"]
+    groups: dict[str, float] = {g: final[g] for g in ("many", "medium", "few") if g in final}
     return RunResult(
         method,
         seed,
@@ -179,4 +220,7 @@ def train(
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
         wall_seconds=time.perf_counter() - wall_start,
+        test_metrics=test_metrics,
+        val_metrics=val_metrics,
+        model=model,
     )
