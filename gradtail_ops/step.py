@@ -152,7 +152,7 @@ def score_and_update(
     per_sample_grads : array of shape (B, *S), or list/tuple of such arrays
         Per-example gradients of the scored parameters.
     decay : float or array of shape (), optional
-        EMA decay in [0, 1]. Defaults to 0.99 (``defaults.DEFAULT_DECAY``).
+        EMA decay in [0, 1]. Defaults to 0.999 (``defaults.DEFAULT_DECAY``).
     reference : {"direction", "mean"}, optional
         What the EMA averages: the plain batch-mean gradient, or the batch mean of the
         unit-normalised per-example gradients (counts examples, not gradient mass).

@@ -88,7 +88,7 @@ class GradTail:
         The layers to score, jointly (one cosine over all of them). A module that is not an
         ``nn.Linear`` means all of its ``nn.Linear`` submodules.
     decay : float, optional
-        EMA decay of the reference. Defaults to ``gradtail_ops.DEFAULT_DECAY`` (0.99).
+        EMA decay of the reference. Defaults to ``gradtail_ops.DEFAULT_DECAY`` (0.999).
     reference : {"direction", "mean"}, optional
         EMA of the batch mean of unit-normalised per-example gradients, or of the plain
         batch-mean gradient. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
