@@ -302,6 +302,14 @@ _ALL = (
         options={"identify_epochs": 1, "upweight": 20.0},
     ),
     Method(
+        "jtt_up5",
+        "JTT, upweight 5",
+        "as jtt with the error set's loss weighted 5 (the second of the two upweights compared on "
+        "validation)",
+        lambda ctx, **o: JTT(ctx, **({"identify_epochs": 1, "upweight": 5.0} | o)),
+        options={"identify_epochs": 1, "upweight": 5.0},
+    ),
+    Method(
         "class_balanced_gradtail",
         "class-balanced x GradTail",
         "class-balanced weights times GradTail (defaults) weights, renormalised to the class-balanced "

@@ -78,6 +78,7 @@ SUITE_METHODS = (
     "focal",
     "loss_rank",
     "jtt",
+    "jtt_up5",
     "gradtail",
     "class_balanced_gradtail",
 )
