@@ -29,7 +29,7 @@ from .step import (
     weighted_batch_mean,
 )
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "CURVES",
