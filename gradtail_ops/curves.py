@@ -20,8 +20,9 @@ def _sigmoid(xp: Any, x: Array) -> Array:
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _finite_or(xp: Any, a: Array, fill: float) -> Array:
-    return xp.where(xp.isfinite(a), a, xp.full_like(a, fill))
+def _finite_or(xp: Any, a: Array, finite: Array, fill: float) -> Array:
+    """``a`` where ``finite`` (``isfinite(a)``, computed once by the caller), else ``fill``."""
+    return xp.where(finite, a, xp.full_like(a, fill))
 
 
 def _check_number(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
@@ -111,7 +112,7 @@ def weight_curve(
     finite = xp.isfinite(a)
     # Bounded so batch statistics of huge finite scores cannot overflow (cosines are in [-1, 1]).
     bound = float(xp.finfo(dtype).max) ** 0.25
-    safe = xp.clip(_finite_or(xp, a, 0.0), -bound, bound)
+    safe = xp.clip(_finite_or(xp, a, finite, 0.0), -bound, bound)
     if kind == "sigmoid":
         bump = _sigmoid(xp, (threshold - safe) / temperature)
     elif kind == "spare_negative":
@@ -119,7 +120,7 @@ def weight_curve(
     elif kind == "rank":
         # Number of finite alignments strictly below each one: ties share a rank, so the
         # curve stays non-increasing; non-finite entries sort last as +inf.
-        keyed = _finite_or(xp, a, float("inf"))
+        keyed = _finite_or(xp, a, finite, float("inf"))
         below = xp.searchsorted(xp.sort(keyed), keyed, side="left")
         count = xp.sum(xp.astype(finite, dtype))
         bump = xp.astype(xp.astype(below, dtype) < quantile * count, dtype)

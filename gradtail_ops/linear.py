@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from ._checks import check_shape, compute_dtype, namespace
-from ._kernels import row_sq_norms
+from ._kernels import row_dots, row_sq_norms
 from .alignment import cosine_from_dots
 
 __all__ = [
@@ -205,7 +205,7 @@ def linear_dots_and_sq_norms(
         dots, sq = _materialized_parts(xp, a, d, gw)
     else:
         projected = a @ xp.matrix_transpose(gw)  # (B, [T,] d_out): the flop floor
-        dots = xp.vecdot(d, projected)
+        dots = row_dots(xp, d, projected)
         if a.ndim == 3:
             dots = xp.sum(dots, axis=1)
         sq = _weight_sq_norms(xp, a, d, method, with_dots=True)

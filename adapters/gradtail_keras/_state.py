@@ -79,7 +79,8 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         weights = ops.cast(weights, "float32")
         alignment = ops.cast(alignment, "float32")
         above = ops.cast(weights > ops.mean(weights) * (1.0 + _UPWEIGHT_MARGIN), "float32")
-        alignment = ops.where(ops.isfinite(alignment), alignment, ops.zeros_like(alignment))
+        # Non-finite alignments count as 0: one fused pass (isfinite + where is six on torch).
+        alignment = ops.nan_to_num(alignment, nan=0.0, posinf=0.0, neginf=0.0)
         rows = ops.stack([weights, above, alignment, ops.ones_like(weights)])  # (4, B)
         self.log_sums.assign_add(ops.sum(rows, axis=1))
 
@@ -95,11 +96,14 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
 
     def result(self) -> dict[str, Any]:
         """Mean weight, share of upweighted examples and mean alignment since the epoch began."""
-        means = ops.divide_no_nan(self.log_sums.value[:3], self.log_sums.value[3])
+        # Called after every train step. The sums are all 0 while the count is 0, so dividing
+        # by max(count, 1) gives divide_no_nan's 0 there in fewer operations.
+        sums = self.log_sums.value
+        weight_mean, upweighted, alignment = ops.unstack(sums[:3] / ops.maximum(sums[3], 1.0))
         return {
-            "gradtail_weight_mean": means[0],
-            "gradtail_upweighted": means[1],
-            "gradtail_alignment": means[2],
+            "gradtail_weight_mean": weight_mean,
+            "gradtail_upweighted": upweighted,
+            "gradtail_alignment": alignment,
         }
 
     def get_config(self) -> dict[str, Any]:
