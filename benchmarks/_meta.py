@@ -107,6 +107,33 @@ def machine_info(
     }
 
 
+def gradtail_defaults(warmup_steps: str) -> dict[str, Any]:
+    """The ``config.gradtail_defaults`` block: the library's GradTail defaults, then ``warmup_steps``.
+
+    ``warmup_steps`` says in words what warm-up the benchmark uses. ``gradtail_ops`` is looked up
+    when this runs (see the module docstring).
+
+    Examples
+    --------
+    >>> gradtail_defaults("one epoch")["curve"]["kind"] == __import__("gradtail_ops").DEFAULT_CURVE.kind
+    True
+    """
+    import gradtail_ops
+
+    curve = gradtail_ops.DEFAULT_CURVE
+    return {
+        "reference": gradtail_ops.DEFAULT_REFERENCE,
+        "decay": gradtail_ops.DEFAULT_DECAY,
+        "curve": {
+            "kind": curve.kind,
+            "quantile": curve.quantile,
+            "max_weight": curve.max_weight,
+            "normalize": curve.normalize,
+        },
+        "warmup_steps": warmup_steps,
+    }
+
+
 def threads_info(requested: int, **fields: Any) -> dict[str, Any]:
     """The ``machine.threads`` block: the requested count (0: "library default"), then ``fields``."""
     return {"requested": requested or "library default", **fields}

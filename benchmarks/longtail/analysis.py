@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import GROUPS, auroc
+from .metrics import GROUPS, auroc, mean_std
 
 MARKS = (0.1, 0.5, 1.0)
 HIST_MARKS = (0.1, 1.0)
@@ -42,8 +42,56 @@ def tail_detection(
     width: float = 0.05,
 ) -> dict[str, Any]:
     """AUROC of ``-alignment`` (when recorded) and of ``loss`` for the group "few", per mark."""
-    positive = np.asarray(groups) == "few"
-    out: dict[str, Any] = {"positive": 'group "few"', "width": width, "windows": {}, "auroc": {}}
+    return window_auroc(
+        scores,
+        np.asarray(groups) == "few",
+        positive_label='group "few"',
+        total_steps=total_steps,
+        marks=marks,
+        width=width,
+    )
+
+
+def window_auroc(
+    scores: dict[str, np.ndarray],
+    positive: np.ndarray,
+    *,
+    positive_label: str,
+    total_steps: int,
+    marks: Sequence[float] = MARKS,
+    width: float = 0.05,
+) -> dict[str, Any]:
+    """AUROC of ``loss`` and ``-alignment`` (when recorded) for ``positive``, per mark of training.
+
+    The core of the classification and the regression tail detection (``regression.py``).
+
+    Parameters
+    ----------
+    scores : dict of str to numpy.ndarray
+        Per recorded example, each of shape (n,): ``step``, ``loss`` and optionally ``alignment``.
+    positive : numpy.ndarray
+        Shape (n,), bool: the tail membership of each recorded example.
+    positive_label : str
+        What the positives are, stored under ``"positive"``.
+    total_steps : int
+        Training steps of the run; a mark ``f`` ends its window at step ``round(f * total_steps)``.
+    marks, width : sequence of float, float
+        Window ends and width, as fractions of training.
+
+    Returns
+    -------
+    dict
+        ``{"positive", "width", "windows": {mark: {"steps", "examples"}},
+        "auroc": {detector: {mark: AUROC}}}`` with marks formatted ``f"{mark:g}"``.
+
+    Examples
+    --------
+    >>> s = {"step": np.array([0, 0, 1, 1]), "loss": np.array([0.1, 2.0, 0.2, 3.0])}
+    >>> window_auroc(s, np.array([False, True, False, True]), positive_label="odd", total_steps=2,
+    ...              marks=(1.0,), width=1.0)["auroc"]
+    {'loss': {'1': 1.0}}
+    """
+    out: dict[str, Any] = {"positive": positive_label, "width": width, "windows": {}, "auroc": {}}
     detectors = {"loss": scores["loss"]}
     if "alignment" in scores:
         detectors["alignment"] = -scores["alignment"]
@@ -56,6 +104,28 @@ def tail_detection(
         for name, score in detectors.items():
             out["auroc"][name][f"{mark:g}"] = auroc(score[sel], positive[sel])
     return out
+
+
+def aggregate_tail_detection(group: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Mean and std over seeds of every detector's AUROC at every mark (``row["tail_detection"]``).
+
+    ``group`` holds the result rows of one (data set, method), one per seed; detectors and marks
+    are those of the first row. Used by the classification and the regression suite.
+
+    Examples
+    --------
+    >>> rows = [{"tail_detection": {"auroc": {"loss": {"1": a}}}} for a in (0.5, 1.0)]
+    >>> aggregate_tail_detection(rows)["loss"]["1"]["mean"]
+    0.75
+    """
+    first = group[0]["tail_detection"]["auroc"]
+    return {
+        detector: {
+            mark: mean_std([r["tail_detection"]["auroc"][detector][mark] for r in group])
+            for mark in first[detector]
+        }
+        for detector in first
+    }
 
 
 def weight_by_group(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -34,13 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import gradtail_ops
-
 from .. import _meta
-from .metrics import GROUPS, auroc, mean_std
+from .analysis import aggregate_tail_detection, window_auroc
+from .metrics import GROUPS, mean_std
 from .regression_data import EDGE_QUANTILE, N_BINS, SPECS, SPLIT_SEED, RegressionData, load_regression
 from .regression_methods import REG_METHODS, RegBatch, RegContext
-from .run import dumps
+from .run import clean, dumps, machine_info, rel
 
 BENCHMARK = "longtail_regression"
 SCHEMA_VERSION = 1
@@ -52,13 +50,7 @@ BATCH_SIZE = 128
 LR = 1e-3
 MARKS = (0.1, 0.5, 1.0)
 DELTA_METRICS = ("balanced_mae", "late_balanced_mae", "many", "medium", "few", "mae", "val_balanced_mae")
-GIT_DIRTY = {
-    "gradtail_ops_dirty": ("gradtail_ops", "adapters"),
-    "longtail_suite_dirty": ("benchmarks/longtail",),
-}
 
-
-REPO = Path(__file__).resolve().parents[2]
 DPI = 80
 
 
@@ -75,28 +67,6 @@ def mlp(d_in: int, hidden: tuple[int, ...]) -> torch.nn.Sequential:
         d_in = width
     layers.append(torch.nn.Linear(d_in, 1))
     return torch.nn.Sequential(*layers)
-
-
-def clean(obj: Any) -> Any:
-    """NaN/inf become null (strict JSON), numpy scalars Python numbers, floats 6 significant digits."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return float(f"{obj:.6g}") if math.isfinite(obj) else None
-    return obj
-
-
-def rel(path: Path) -> str:
-    """``path`` relative to the repository root where it lies inside it."""
-    path = path.resolve()
-    try:
-        return str(path.relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -142,21 +112,14 @@ def tail_detection(
     ``f`` the examples of the steps in ``(f - width, f]`` of training are pooled; the scores
     are the loss and ``-alignment`` (low alignment = tail-like).
     """
-    positive = np.asarray(few_bins, dtype=bool)[scores["label"]]
-    detectors = {"loss": scores["loss"]}
-    if "alignment" in scores:
-        detectors["alignment"] = -scores["alignment"]
-    out: dict[str, Any] = {"positive": "few-shot bins", "width": width, "windows": {}, "auroc": {}}
-    for name in detectors:
-        out["auroc"][name] = {}
-    for mark in marks:
-        end = min(total_steps, max(1, round(mark * total_steps)))
-        start = max(0, end - max(1, round(width * total_steps)))
-        sel = (scores["step"] >= start) & (scores["step"] < end)
-        out["windows"][f"{mark:g}"] = {"steps": [start, end], "examples": int(sel.sum())}
-        for name, score in detectors.items():
-            out["auroc"][name][f"{mark:g}"] = auroc(score[sel], positive[sel])
-    return out
+    return window_auroc(
+        scores,
+        np.asarray(few_bins, dtype=bool)[scores["label"]],
+        positive_label="few-shot bins",
+        total_steps=total_steps,
+        marks=marks,
+        width=width,
+    )
 
 
 def weight_by_group(
@@ -377,14 +340,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     np.nanstd(per_bin, axis=0, ddof=1) if len(per_bin) > 1 else np.zeros(N_BINS)
                 ).tolist(),
             }
-        first = group[0]["tail_detection"]["auroc"]
-        agg["tail_detection"] = {
-            det: {
-                mark: mean_std([r["tail_detection"]["auroc"][det][mark] for r in group])
-                for mark in first[det]
-            }
-            for det in first
-        }
+        agg["tail_detection"] = aggregate_tail_detection(group)
         out.append(agg)
     return out
 
@@ -574,11 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = _meta.load_average()
     start = time.perf_counter()
-    machine = _meta.machine_info(
-        {"torch": torch.__version__, "numpy": np.__version__},
-        git=_meta.git_state(GIT_DIRTY),
-        fields={"threads": _meta.threads_info(args.threads, torch_num_threads=torch.get_num_threads())},
-    )
+    machine = machine_info(args.threads)
     methods = sorted(dict.fromkeys(args.methods), key=lambda m: (m != "uniform", m != "lds"))
     epochs = {
         d: args.epochs or (SPECS[d].quick_epochs if args.quick else SPECS[d].epochs) for d in args.datasets
@@ -664,17 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "steps in (mark - window, mark] of training: -alignment for GradTail (its own run), the "
                 "squared error before the step's update for every method",
             },
-            "gradtail_defaults": {
-                "reference": gradtail_ops.DEFAULT_REFERENCE,
-                "decay": gradtail_ops.DEFAULT_DECAY,
-                "curve": {
-                    "kind": gradtail_ops.DEFAULT_CURVE.kind,
-                    "quantile": gradtail_ops.DEFAULT_CURVE.quantile,
-                    "max_weight": gradtail_ops.DEFAULT_CURVE.max_weight,
-                    "normalize": gradtail_ops.DEFAULT_CURVE.normalize,
-                },
-                "warmup_steps": "one epoch (set by the benchmark)",
-            },
+            "gradtail_defaults": _meta.gradtail_defaults("one epoch (set by the benchmark)"),
         },
         "deviations": deviations or None,
         "note": args.note,

@@ -43,6 +43,7 @@ from .. import _meta
 from .analysis import (
     HIST_MARKS,
     MARKS,
+    aggregate_tail_detection,
     alignment_histograms,
     tail_detection,
     weight_by_group,
@@ -113,6 +114,7 @@ GIT_DIRTY = {
 
 
 def machine_info(threads: int) -> dict[str, Any]:
+    """The ``machine`` block of the long-tail suites (classification and ``regression.py``)."""
     return _meta.machine_info(
         {"torch": torch.__version__, "numpy": np.__version__},
         git=_meta.git_state(GIT_DIRTY),
@@ -232,7 +234,7 @@ def save_checkpoint(path: Path | None, key: str, row: dict[str, Any]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            f.write(json.dumps({"key": key, "row": _clean(row)}) + "\n")
+            f.write(json.dumps({"key": key, "row": clean(row)}) + "\n")
 
 
 @functools.lru_cache(maxsize=2)
@@ -306,13 +308,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
         else:
             agg["delta_vs_uniform"] = None
-        td: dict[str, Any] = {}
-        for detector in group[0]["tail_detection"]["auroc"]:
-            td[detector] = {
-                mark: mean_std([r["tail_detection"]["auroc"][detector][mark] for r in group])
-                for mark in group[0]["tail_detection"]["auroc"][detector]
-            }
-        agg["tail_detection"] = td
+        agg["tail_detection"] = aggregate_tail_detection(group)
         out.append(agg)
     return out
 
@@ -320,12 +316,12 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------- JSON
 
 
-def _clean(obj: Any) -> Any:
+def clean(obj: Any) -> Any:
     """NaN/inf become null (strict JSON), numpy scalars Python numbers, floats 6 significant digits."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float):
@@ -352,7 +348,8 @@ def dumps(doc: Any, level: int = 0) -> str:
     return "[\n" + ",\n".join(items) + f"\n{pad}]" if items else "[]"
 
 
-def _rel(path: Path) -> str:
+def rel(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it."""
     path = path.resolve()
     try:
         return str(path.relative_to(REPO))
@@ -700,26 +697,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "steps in (mark - window, mark] of training: -alignment for GradTail (its own training "
                 "run), the loss (before the step's update) for every method",
             },
-            "gradtail_defaults": {
-                "reference": gradtail_ops.DEFAULT_REFERENCE,
-                "decay": gradtail_ops.DEFAULT_DECAY,
-                "curve": {
-                    "kind": gradtail_ops.DEFAULT_CURVE.kind,
-                    "quantile": gradtail_ops.DEFAULT_CURVE.quantile,
-                    "max_weight": gradtail_ops.DEFAULT_CURVE.max_weight,
-                    "normalize": gradtail_ops.DEFAULT_CURVE.normalize,
-                },
-                "warmup_steps": f"{gradtail_ops.DEFAULT_WARMUP_STEPS} in the library; the suite passes "
-                "one epoch (the recommended setting)",
-            },
+            "gradtail_defaults": _meta.gradtail_defaults(
+                f"{gradtail_ops.DEFAULT_WARMUP_STEPS} in the library; the suite passes "
+                "one epoch (the recommended setting)"
+            ),
         },
         "deviations": deviations or None,
         "note": args.note,
         "checkpoint": None
         if args.checkpoint is None
         else {
-            "path": _rel(args.checkpoint),
-            "reuse": [_rel(p) for p in args.reuse],
+            "path": rel(args.checkpoint),
+            "reuse": [rel(p) for p in args.reuse],
             "reused_runs": len(reused),
             "new_runs": len(todo),
         },
@@ -736,15 +725,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": rows,
         "aggregates": aggregate(rows),
     }
-    doc = _clean(doc)
+    doc = clean(doc)
     if not args.no_figures:
         from .figures import make_figures
 
-        doc["figures"] = [_rel(p) for p in make_figures(doc, args.figures_dir)]
+        doc["figures"] = [rel(p) for p in make_figures(doc, args.figures_dir)]
     _meta.write_json(args.out, doc, dumps=dumps)
     print(summary(doc))
     figures = f"; figures: {', '.join(doc['figures'])}" if doc.get("figures") else ""
-    print(f"JSON: {_rel(args.out)}{figures}")
+    print(f"JSON: {rel(args.out)}{figures}")
     return 0
 
 
