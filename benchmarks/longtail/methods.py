@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -129,19 +129,41 @@ class LossRank(Weighting):
         return top_rank_weights(batch.loss, quantile=self.quantile, max_weight=self.max_weight)
 
 
-class GradTailWeighting(Weighting):
-    """``gradtail_torch.GradTail`` with a warm-up of ``ctx.warmup_steps``; ``head_only``
-    tracks the last ``nn.Linear`` alone, otherwise every one (jointly)."""
+class _RunContext(Protocol):
+    model: nn.Module
+    warmup_steps: int
 
-    def __init__(self, ctx: Context, *, head_only: bool = False, **options: Any) -> None:
+
+class _LossBatch(Protocol):
+    loss: torch.Tensor
+
+
+class GradTailOnLoss:
+    """``gradtail_torch.GradTail`` on the per-example loss, with a warm-up of ``ctx.warmup_steps``;
+    ``head_only`` tracks the last ``nn.Linear`` alone, otherwise every one (jointly).
+
+    The shared body of :class:`GradTailWeighting` (classification) and
+    ``regression_methods.GradTailLoss``: put it before the suite's weighting base class. ``ctx``
+    needs ``model`` and ``warmup_steps``, a batch ``loss`` of shape (B,).
+
+    Examples
+    --------
+    >>> ctx = Context(nn.Linear(3, 2), np.array([5, 1]), steps_per_epoch=1, warmup_steps=0)
+    >>> w = GradTailWeighting(ctx, head_only=True)
+    >>> w.scores()  # no batch seen yet
+    {}
+    >>> w.close()
+    """
+
+    def __init__(self, ctx: _RunContext, *, head_only: bool = False, **options: Any) -> None:
         linears = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)]
         target: nn.Module = linears[-1] if head_only else ctx.model
         self.gt = GradTail(target, **({"warmup_steps": ctx.warmup_steps} | options))
 
-    def backward(self, batch: Batch) -> torch.Tensor:
+    def backward(self, batch: _LossBatch) -> torch.Tensor:
         return self.gt.backward(batch.loss)
 
-    def weights(self, batch: Batch) -> torch.Tensor:
+    def weights(self, batch: _LossBatch) -> torch.Tensor:
         return self.gt.weights(batch.loss)
 
     def scores(self) -> dict[str, torch.Tensor]:
@@ -150,6 +172,11 @@ class GradTailWeighting(Weighting):
 
     def close(self) -> None:
         self.gt.remove()
+
+
+class GradTailWeighting(GradTailOnLoss, Weighting):
+    """``gradtail_torch.GradTail`` with a warm-up of ``ctx.warmup_steps``; ``head_only``
+    tracks the last ``nn.Linear`` alone, otherwise every one (jointly)."""
 
 
 class GradTailMemoryWeighting(GradTailWeighting):

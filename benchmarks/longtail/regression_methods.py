@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradtail_torch import GradTail
+from .methods import GradTailOnLoss, top_rank_weights
 
 LDS_BINS = 100
 LDS_KERNEL_SIZE = 5
@@ -153,35 +153,14 @@ class LossRank(RegWeighting):
         self.warmup_steps, self.quantile, self.max_weight = ctx.warmup_steps, quantile, max_weight
 
     def weights(self, batch: RegBatch) -> torch.Tensor:
-        s = batch.loss.detach()
         if batch.step < self.warmup_steps:
-            return torch.ones_like(s)
-        above = (s[None, :] > s[:, None]).sum(dim=1)
-        w = torch.where(above < self.quantile * len(s), self.max_weight, 1.0).to(s.dtype)
-        return w / w.mean()
+            return torch.ones_like(batch.loss).detach()
+        return top_rank_weights(batch.loss, quantile=self.quantile, max_weight=self.max_weight)
 
 
-class GradTailLoss(RegWeighting):
+class GradTailLoss(GradTailOnLoss, RegWeighting):
     """``gt = GradTail(model)`` (or the last ``nn.Linear`` with ``head_only``) and
     ``gt.backward(loss)``: GradTail scores the gradient of the squared error."""
-
-    def __init__(self, ctx: RegContext, *, head_only: bool = False, **options: Any) -> None:
-        linears = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)]
-        target: nn.Module = linears[-1] if head_only else ctx.model
-        self.gt = GradTail(target, **({"warmup_steps": ctx.warmup_steps} | options))
-
-    def backward(self, batch: RegBatch) -> torch.Tensor:
-        return self.gt.backward(batch.loss)
-
-    def weights(self, batch: RegBatch) -> torch.Tensor:
-        return self.gt.weights(batch.loss)
-
-    def scores(self) -> dict[str, torch.Tensor]:
-        a = self.gt.last_alignment
-        return {} if a is None else {"alignment": a}
-
-    def close(self) -> None:
-        self.gt.remove()
 
 
 class GradTailPrediction(GradTailLoss):
