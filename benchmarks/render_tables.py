@@ -57,6 +57,7 @@ TITLES = {
     "longtail": "Long-tailed data",
     "longtail_sweep": "Long-tailed data: choosing GradTail's defaults (validation only)",
     "longtail_regression": "Imbalanced regression",
+    "longtail_keras": "Long-tailed data in Keras: GradTailCallback in model.fit",
 }
 
 Renderer = Callable[[dict[str, Any]], str]
@@ -1384,6 +1385,105 @@ def render_longtail_sweep(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_longtail_keras(doc: dict[str, Any]) -> str:
+    """Keras ``model.fit`` with and without GradTailCallback on long-tailed data (paired Δ vs. uniform)."""
+    cfg = doc.get("config", {})
+    versions = doc.get("machine", {}).get("versions", {})
+    methods = doc.get("methods", {})
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (one seed, few epochs): not evidence.", ""]
+    epochs = ", ".join(f"{k} {v}" for k, v in cfg.get("epochs", {}).items())
+    out += [
+        f"Keras {versions.get('keras', '?')}, backend `{cfg.get('backend', '?')}`; seeds "
+        f"{_lt_seeds(cfg.get('seeds', []))}; {cfg.get('model', '?')}, {cfg.get('loss', '?')}, "
+        f"{cfg.get('optimizer', '?')}, batch {cfg.get('batch_size', '?')}; epochs {epochs}. GradTail: "
+        f"{cfg.get('gradtail', '?')}. Pairing: {cfg.get('pairing', '?')}. "
+        f"Metrics: {cfg.get('metrics', '?')}. "
+        f"Timing: {cfg.get('timing', '?')}. Methods marked † use the training class counts.",
+    ]
+    for dataset, info in doc.get("datasets", {}).items():
+        aggs = [a for a in doc.get("aggregates", []) if a["dataset"] == dataset]
+        counts = info.get("counts", [])
+        out += [
+            "",
+            f"### {info.get('name', dataset)}: Keras `model.fit`, paired Δ vs. uniform",
+            "",
+            f"{info.get('n_train', 0):,} training examples (class counts {min(counts, default=0)} to "
+            f"{max(counts, default=0)}), balanced validation {info.get('n_val', 0):,} / test "
+            f"{info.get('n_test', 0):,}; {info.get('epochs', '?')} epochs.",
+            "",
+        ]
+        rows = []
+        for agg in aggs:
+            t = agg["test"]
+            d_bal, e_bal = _lt_delta(agg, "balanced")
+            d_late, e_late = _lt_delta(agg, "late")
+            d_fin, e_fin = _lt_delta(agg, "final")
+            d_few, _ = _lt_delta(agg, "few", 1)
+            rows.append(
+                [
+                    methods.get(agg["method"], {}).get("label", agg["method"]),
+                    _pm(t["balanced"]),
+                    d_bal,
+                    e_bal,
+                    _pm(t["late"]),
+                    d_late,
+                    e_late,
+                    d_fin,
+                    e_fin,
+                    _pm(t["many"]),
+                    _pm(t["medium"]),
+                    _pm(t["few"]),
+                    d_few,
+                    _pm(agg["val"]),
+                    f"{_pm(agg['seconds_per_epoch'], 3)} ({_pm(agg['first_epoch_seconds'], 1)})",
+                ]
+            )
+        out.append(
+            table(
+                [
+                    "method",
+                    "balanced acc.",
+                    "Δ balanced (pp)",
+                    "every seed",
+                    "late mean",
+                    "Δ late mean (pp)",
+                    "every seed (late)",
+                    "Δ final (pp)",
+                    "every seed (final)",
+                    "many",
+                    "medium",
+                    "few",
+                    "Δ few (pp)",
+                    "val. balanced acc.",
+                    "s / epoch (first epoch)",
+                ],
+                rows,
+            )
+        )
+        for agg in aggs:
+            logs = agg.get("gradtail_logs") or {}
+            if logs:
+                out += [
+                    "",
+                    "GradTailCallback's logs in the last epoch (mean over seeds): "
+                    + ", ".join(f"`{k}` {_pm(v, 3)}" for k, v in logs.items())
+                    + f"; selected epoch {_pm(agg['selected_epoch'], 1)} of {info.get('epochs', '?')}.",
+                ]
+    out += [
+        "",
+        "Balanced accuracy and many / medium / few at the **selected epoch** (per run, the epoch of best "
+        "validation balanced accuracy); *late mean* over the last 25% of epochs; *final* after the last "
+        'epoch. Δ = paired difference to uniform of the same seed, in percentage points; "every seed" = '
+        "Δ > 0 for every seed (n positive / n seeds).",
+        "",
+        f"Regenerate: `{doc.get('command', 'python -m benchmarks.longtail.keras_suite')}`, then "
+        "`.venv/bin/python benchmarks/render_tables.py`.",
+    ]
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, Renderer] = {
     "core_ops": render_core_ops,
     "torch_overhead": render_torch_overhead,
@@ -1392,6 +1492,7 @@ RENDERERS: dict[str, Renderer] = {
     "longtail": render_longtail,
     "longtail_sweep": render_longtail_sweep,
     "longtail_regression": render_longtail_regression,
+    "longtail_keras": render_longtail_keras,
 }
 
 
