@@ -81,27 +81,6 @@ def late_epochs(epochs: int) -> int:
     return max(1, round(0.25 * epochs))
 
 
-def clean(obj: Any) -> Any:
-    """NaN/inf become null (strict JSON), numpy values Python ones, floats 6 significant digits.
-
-    Examples
-    --------
-    >>> clean({"a": np.float32(0.1234567), "b": [math.nan, np.int64(3)]})
-    {'a': 0.123457, 'b': [None, 3]}
-    """
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return clean(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return float(f"{obj:.6g}") if math.isfinite(obj) else None
-    return obj
-
-
 def accuracy_metrics(pred: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, per-class and group accuracies of ``pred``, in percent.
 
@@ -483,8 +462,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_seeds = {d: list(DATASETS[d].seeds) for d in args.datasets}
         if seeds != default_seeds:
             deviations["seeds"] = {"used": seeds, "default": default_seeds}
-    import gradtail_ops
-
     doc: dict[str, Any] = {
         **_meta.run_header(
             BENCHMARK,
@@ -508,16 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "weights and fit shuffle seed for every method of a seed",
             "gradtail": "GradTailCallback(warmup_steps=round(warmup_epochs * steps_per_epoch)), every "
             "other option at the library default, tracking the last Dense",
-            "gradtail_defaults": {
-                "reference": gradtail_ops.DEFAULT_REFERENCE,
-                "decay": gradtail_ops.DEFAULT_DECAY,
-                "curve": {
-                    "kind": gradtail_ops.DEFAULT_CURVE.kind,
-                    "quantile": gradtail_ops.DEFAULT_CURVE.quantile,
-                    "max_weight": gradtail_ops.DEFAULT_CURVE.max_weight,
-                    "normalize": gradtail_ops.DEFAULT_CURVE.normalize,
-                },
-            },
+            "gradtail_defaults": _meta.gradtail_defaults(f"{args.warmup_epochs:g} epoch(s), --warmup-epochs"),
             "class_weight": "inverse class frequency n / (C n_c) through fit(class_weight=...)",
             "metrics": "accuracies in percent on the balanced test half; selected = at the epoch of best "
             "validation balanced accuracy (first on ties); final = after the last epoch; late = mean "
@@ -535,9 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": rows,
         "aggregates": aggregate(rows),
     }
-    doc = clean(doc)
-    from .run import dumps
+    from .run import clean, dumps  # run.py imports torch; only its JSON helpers are used here
 
+    doc = clean(doc)
     _meta.write_json(args.out, doc, dumps=dumps)
     print(summary(doc))
     print(f"{doc['wall_seconds']:.0f} s; JSON: {args.out}")
