@@ -760,6 +760,82 @@ def _lt_mark(mark: str) -> str:
     return _LT_MARK_TEXT.get(mark, f"{100 * float(mark):g}%")
 
 
+def _lt_run_notes(doc: dict[str, Any]) -> list[str]:
+    """The quoted lines under a long-tail suite's machine line: quick run, deviations, note."""
+    out: list[str] = []
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (one seed, few epochs): not evidence.", ""]
+    deviations = doc.get("deviations")
+    if deviations:
+        out += [
+            "> **Deviations from the default protocol:** "
+            + "; ".join(f"{k}: used {v['used']}, default {v['default']}" for k, v in deviations.items()),
+            "",
+        ]
+    if doc.get("note"):
+        out += [f"> Note: {doc['note']}", ""]
+    return out
+
+
+def _lt_tail_detection_table(
+    doc: dict[str, Any], marks: Sequence[str], label: Callable[[str], str], loss_score: str
+) -> str:
+    """AUROC per data set, GradTail method (and uniform), score and mark; ``loss_score`` names the loss."""
+    methods = doc.get("methods", {})
+    return table(
+        ["data set", "method", "score", *(_lt_mark(m) for m in marks)],
+        (
+            [
+                dataset,
+                label(a["method"]),
+                score,
+                *(_pm(a["tail_detection"][detector].get(m), 2) for m in marks),
+            ]
+            for dataset in doc.get("datasets", {})
+            for a in doc["aggregates"]
+            if a["dataset"] == dataset
+            and (a["method"] == "uniform" or methods.get(a["method"], {}).get("gradtail"))
+            for detector, score in (("alignment", "-alignment"), ("loss", loss_score))
+            if detector in a["tail_detection"]
+        ),
+    )
+
+
+def _lt_weight_table(weighted: Sequence[dict[str, Any]], label: Callable[[str], str]) -> str:
+    """Mean loss weight (± std over seeds) of the many / medium / few group per data set and method."""
+    return table(
+        ["data set", "method", "many", "medium", "few"],
+        (
+            [
+                a["dataset"],
+                label(a["method"]),
+                *(_pm(a["weight_by_group"].get(g), 2) for g in ("many", "medium", "few")),
+            ]
+            for a in weighted
+        ),
+    )
+
+
+def _lt_measured_end(doc: dict[str, Any], default_command: str) -> list[str]:
+    """The last items of a suite's "How this was measured": GradTail defaults, methods, command."""
+    gd = doc.get("config", {}).get("gradtail_defaults")
+    out: list[str] = []
+    if gd:
+        curve = gd.get("curve", {})
+        out += [
+            f"- GradTail library defaults at run time: reference {gd.get('reference')!r}, decay "
+            f"{gd.get('decay')}, curve {curve.get('kind')} (quantile {curve.get('quantile')}, max weight "
+            f"{curve.get('max_weight')}, normalise {curve.get('normalize')}), warm-up "
+            f"{gd.get('warmup_steps')}."
+        ]
+    out += [f"- `{name}`: {m.get('description', '')}" for name, m in doc.get("methods", {}).items()]
+    out += [
+        f"- Regenerate: `{doc.get('command', default_command)}`, then "
+        "`.venv/bin/python benchmarks/render_tables.py`."
+    ]
+    return [*out, "", "</details>"]
+
+
 def _doc_link(path: str) -> str:
     """A figure path relative to the repository root, as a link from docs/."""
     return path if path.startswith("/") else f"../{path}"
@@ -891,18 +967,7 @@ def render_longtail(doc: dict[str, Any]) -> str:
     cfg = doc.get("config", {})
     methods = doc.get("methods", {})
     aggs = doc["aggregates"]
-    out = [machine_line(doc), ""]
-    if doc.get("quick"):
-        out += ["> **Quick smoke run** (one seed, few epochs): not evidence.", ""]
-    deviations = doc.get("deviations")
-    if deviations:
-        out += [
-            "> **Deviations from the default protocol:** "
-            + "; ".join(f"{k}: used {v['used']}, default {v['default']}" for k, v in deviations.items()),
-            "",
-        ]
-    if doc.get("note"):
-        out += [f"> Note: {doc['note']}", ""]
+    out = [machine_line(doc), "", *_lt_run_notes(doc)]
     out += [
         f"Seeds: {_lt_seeds(cfg.get('seeds', []))}; "
         f"{cfg.get('model', '?')}, "
@@ -1034,23 +1099,7 @@ def render_longtail(doc: dict[str, Any]) -> str:
         "run and under uniform training. 0.5 = chance; below 0.5 the score ranks the tail as "
         "*aligned*.",
         "",
-        table(
-            ["data set", "method", "score", *(_lt_mark(m) for m in marks)],
-            (
-                [
-                    dataset,
-                    methods.get(a["method"], {}).get("label", a["method"]),
-                    score,
-                    *(_pm(a["tail_detection"][detector].get(m), 2) for m in marks),
-                ]
-                for dataset in doc.get("datasets", {})
-                for a in aggs
-                if a["dataset"] == dataset
-                and (a["method"] == "uniform" or methods.get(a["method"], {}).get("gradtail"))
-                for detector, score in (("alignment", "-alignment"), ("loss", "loss"))
-                if detector in a["tail_detection"]
-            ),
-        ),
+        _lt_tail_detection_table(doc, marks, lambda m: methods.get(m, {}).get("label", m), "loss"),
         "",
     ]
 
@@ -1064,17 +1113,7 @@ def render_longtail(doc: dict[str, Any]) -> str:
             "(class weights and GradTail / loss rank average 1 over a batch or the training set; "
             "focal loss's factor is not normalised).",
             "",
-            table(
-                ["data set", "method", "many", "medium", "few"],
-                (
-                    [
-                        a["dataset"],
-                        methods.get(a["method"], {}).get("label", a["method"]),
-                        *(_pm(a["weight_by_group"].get(g), 2) for g in ("many", "medium", "few")),
-                    ]
-                    for a in weighted
-                ),
-            ),
+            _lt_weight_table(weighted, lambda m: methods.get(m, {}).get("label", m)),
             "",
             "</details>",
             "",
@@ -1096,21 +1135,7 @@ def render_longtail(doc: dict[str, Any]) -> str:
             out += [f"- {key.replace('_', ' ').capitalize()}: {cfg[key]}."]
     if td.get("text"):
         out += [f"- Tail detection: {td['text']}."]
-    gd = cfg.get("gradtail_defaults")
-    if gd:
-        curve = gd.get("curve", {})
-        out += [
-            f"- GradTail library defaults at run time: reference {gd.get('reference')!r}, decay "
-            f"{gd.get('decay')}, curve {curve.get('kind')} (quantile {curve.get('quantile')}, max weight "
-            f"{curve.get('max_weight')}, normalise {curve.get('normalize')}), warm-up "
-            f"{gd.get('warmup_steps')}."
-        ]
-    out += [f"- `{name}`: {m.get('description', '')}" for name, m in methods.items()]
-    out += [
-        f"- Regenerate: `{doc.get('command', 'python -m benchmarks.longtail.run')}`, then "
-        "`.venv/bin/python benchmarks/render_tables.py`."
-    ]
-    out += ["", "</details>"]
+    out += _lt_measured_end(doc, "python -m benchmarks.longtail.run")
     return "\n".join(out)
 
 
@@ -1143,19 +1168,7 @@ def render_longtail_regression(doc: dict[str, Any]) -> str:
         meta = methods.get(name, {})
         return meta.get("label", name) + (" †" if meta.get("uses_targets") else "")
 
-    out = [machine_line(doc), ""]
-    if doc.get("quick"):
-        out += ["> **Quick smoke run** (one seed, few epochs): not evidence.", ""]
-    if doc.get("deviations"):
-        out += [
-            "> **Deviations from the default protocol:** "
-            + "; ".join(
-                f"{k}: used {v['used']}, default {v['default']}" for k, v in doc["deviations"].items()
-            ),
-            "",
-        ]
-    if doc.get("note"):
-        out += [f"> Note: {doc['note']}", ""]
+    out = [machine_line(doc), "", *_lt_run_notes(doc)]
     out += [
         f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(str(s) for s in seeds)}); "
         f"{cfg.get('model', '?')}, {cfg.get('optimizer', '?')}, batch {cfg.get('batch_size', '?')}, "
@@ -1229,23 +1242,7 @@ def render_longtail_regression(doc: dict[str, Any]) -> str:
         "its own run, the squared error (before the step's update) is the baseline. 0.5 = chance; below "
         "0.5 the score ranks the tail as *aligned*.",
         "",
-        table(
-            ["data set", "method", "score", *(_lt_mark(m) for m in marks)],
-            (
-                [
-                    dataset,
-                    label(a["method"]),
-                    score,
-                    *(_pm(a["tail_detection"][det].get(m), 2) for m in marks),
-                ]
-                for dataset in doc.get("datasets", {})
-                for a in aggs
-                if a["dataset"] == dataset
-                and (a["method"] == "uniform" or methods.get(a["method"], {}).get("gradtail"))
-                for det, score in (("alignment", "-alignment"), ("loss", "squared error"))
-                if det in a["tail_detection"]
-            ),
-        ),
+        _lt_tail_detection_table(doc, marks, label, "squared error"),
         "",
     ]
     if doc.get("checks"):
@@ -1271,17 +1268,7 @@ def render_longtail_regression(doc: dict[str, Any]) -> str:
         out += [
             "<details><summary>Mean loss weight by bin group, after warm-up</summary>",
             "",
-            table(
-                ["data set", "method", "many", "medium", "few"],
-                (
-                    [
-                        a["dataset"],
-                        label(a["method"]),
-                        *(_pm(a["weight_by_group"].get(g), 2) for g in ("many", "medium", "few")),
-                    ]
-                    for a in weighted
-                ),
-            ),
+            _lt_weight_table(weighted, label),
             "",
             "</details>",
             "",
@@ -1298,21 +1285,7 @@ def render_longtail_regression(doc: dict[str, Any]) -> str:
             out += [f"- {key.capitalize()}: {cfg[key]}."]
     if td.get("text"):
         out += [f"- Tail detection: {td['text']}."]
-    gd = cfg.get("gradtail_defaults")
-    if gd:
-        curve = gd.get("curve", {})
-        out += [
-            f"- GradTail library defaults at run time: reference {gd.get('reference')!r}, decay "
-            f"{gd.get('decay')}, curve {curve.get('kind')} (quantile {curve.get('quantile')}, max weight "
-            f"{curve.get('max_weight')}, normalise {curve.get('normalize')}), warm-up "
-            f"{gd.get('warmup_steps')}."
-        ]
-    out += [f"- `{name}`: {m.get('description', '')}" for name, m in methods.items()]
-    out += [
-        f"- Regenerate: `{doc.get('command', 'python -m benchmarks.longtail.regression')}`, then "
-        "`.venv/bin/python benchmarks/render_tables.py`."
-    ]
-    out += ["", "</details>"]
+    out += _lt_measured_end(doc, "python -m benchmarks.longtail.regression")
     return "\n".join(out)
 
 
