@@ -12,20 +12,8 @@ nn = torch.nn
 from gradtail_torch import GradTail  # noqa: E402
 
 from . import reference as ref  # noqa: E402
+from ._torch_models import mlp, per_example_grads  # noqa: E402
 from .test_memory import ref_memory, ref_weights  # noqa: E402
-
-
-def _mlp(seed=0, d_in=6, hidden=8, d_out=4):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).double()
-
-
-def _per_example_grads(loss, params):
-    rows = []
-    for i in range(loss.shape[0]):
-        gs = torch.autograd.grad(loss[i], params, retain_graph=True)
-        rows.append(np.concatenate([g.detach().numpy().ravel() for g in gs]))
-    return np.stack(rows)
 
 
 def _data(n=20, d_in=6, classes=4, seed=0):
@@ -38,7 +26,7 @@ def _data(n=20, d_in=6, classes=4, seed=0):
 @pytest.mark.parametrize("warmup", [0, 2])
 @pytest.mark.parametrize("use_backward", [False, True])
 def test_memory_weights_match_reference(warmup, use_backward):
-    model = _mlp()
+    model = mlp()
     params = list(model.parameters())
     x, y = _data()
     decay, mem_decay, eta, cap = 0.8, 0.6, 1.5, 2.5
@@ -57,7 +45,7 @@ def test_memory_weights_match_reference(warmup, use_backward):
     for step in range(7):
         index = rng.integers(0, 20, size=8)  # with replacement: duplicates happen
         loss = F.cross_entropy(model(x[index]), y[index], reduction="none")
-        flat = _per_example_grads(loss, params)
+        flat = per_example_grads(loss, params)
         opt.zero_grad()
         if use_backward:
             w = gt.backward(loss, index=torch.as_tensor(index))
@@ -79,7 +67,7 @@ def test_memory_weights_match_reference(warmup, use_backward):
 
 
 def test_backward_with_memory_accumulates_the_weighted_gradient():
-    model, twin = _mlp(1), _mlp(1)
+    model, twin = mlp(1), mlp(1)
     x, y = _data(seed=1)
     gt = GradTail(model, memory_size=20)
     gt_twin = GradTail(twin, memory_size=20)
@@ -98,7 +86,7 @@ def test_backward_with_memory_accumulates_the_weighted_gradient():
 
 
 def test_index_errors():
-    model = _mlp()
+    model = mlp()
     x, y = _data()
 
     def loss():
@@ -146,7 +134,7 @@ def test_memory_scores_needs_memory():
 
 
 def test_state_dict_round_trip_includes_memory():
-    model = _mlp()
+    model = mlp()
     x, y = _data()
     gt = GradTail(model, memory_size=20, memory_decay=0.3)
     for step in range(4):
@@ -154,7 +142,7 @@ def test_state_dict_round_trip_includes_memory():
         gt.backward(F.cross_entropy(model(x[index]), y[index], reduction="none"), index=index)
     saved = gt.state_dict()
     assert {"memory_score", "memory_visits", "memory_decay"} <= set(saved)
-    fresh = GradTail(_mlp(), memory_size=20)
+    fresh = GradTail(mlp(), memory_size=20)
     fresh.load_state_dict(saved)
     for a, b in zip(fresh.memory_scores(), gt.memory_scores(), strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
@@ -162,11 +150,11 @@ def test_state_dict_round_trip_includes_memory():
     saved["memory_score"].fill_(7.0)  # the loaded memory is a copy
     assert float(fresh.memory_scores()[0].max()) != 7.0
     with pytest.raises(ValueError, match="memory_size=20"):
-        GradTail(_mlp()).load_state_dict(gt.state_dict())
+        GradTail(mlp()).load_state_dict(gt.state_dict())
     with pytest.raises(ValueError, match=r"shape \(30,\).*Received.*\(20,\)"):
-        GradTail(_mlp(), memory_size=30).load_state_dict(gt.state_dict())
+        GradTail(mlp(), memory_size=30).load_state_dict(gt.state_dict())
     with pytest.raises(ValueError, match="state has none"):
-        GradTail(_mlp(), memory_size=20).load_state_dict(GradTail(_mlp()).state_dict())
+        GradTail(mlp(), memory_size=20).load_state_dict(GradTail(mlp()).state_dict())
 
 
 def test_memory_follows_the_tracked_layers_dtype():

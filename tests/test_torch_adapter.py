@@ -16,19 +16,7 @@ nn = torch.nn
 from gradtail_torch import GradTail  # noqa: E402
 
 from . import reference as ref  # noqa: E402
-
-
-def _mlp(seed=0, d_in=6, hidden=8, d_out=4):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).double()
-
-
-def _per_example_grads(loss, params):
-    rows = []
-    for i in range(loss.shape[0]):
-        gs = torch.autograd.grad(loss[i], params, retain_graph=True)
-        rows.append(np.concatenate([g.detach().numpy().ravel() for g in gs]))
-    return np.stack(rows)
+from ._torch_models import mlp, per_example_grads  # noqa: E402
 
 
 def _expected_weights(align, step, curve_max=3.0, quantile=0.3):
@@ -44,7 +32,7 @@ def _run_against_reference(model, tracked, params, make_loss, reference, steps=4
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for step in range(steps):
         loss = make_loss(step)
-        flat = _per_example_grads(loss, params)
+        flat = per_example_grads(loss, params)
         expected_align = ref.cosine_rows(flat, ref.ema(history, [decay] * len(history))) if history else None
         w = gt.weights(loss)
         if expected_align is not None:
@@ -63,7 +51,7 @@ def _run_against_reference(model, tracked, params, make_loss, reference, steps=4
 
 @pytest.mark.parametrize("reference", ["mean", "direction"])
 def test_classification_head_matches_reference(reference):
-    model = _mlp()
+    model = mlp()
     rng = torch.Generator().manual_seed(1)
 
     def make_loss(step):
@@ -76,7 +64,7 @@ def test_classification_head_matches_reference(reference):
 
 
 def test_regression_two_layers_match_reference():
-    model = _mlp(seed=2, d_out=1)
+    model = mlp(seed=2, d_out=1)
     rng = torch.Generator().manual_seed(3)
 
     def make_loss(step):
@@ -114,7 +102,7 @@ def test_sequence_head_matches_reference():
 
 
 def test_weights_leave_nothing_in_grad_and_weighted_grad_is_exact():
-    model = _mlp(seed=6)
+    model = mlp(seed=6)
     gt = GradTail(model[2], decay=0.5)
     x, y = torch.randn(9, 6, dtype=torch.float64), torch.randint(0, 4, (9,))
     for _ in range(2):
@@ -133,7 +121,7 @@ def test_weights_leave_nothing_in_grad_and_weighted_grad_is_exact():
 
 @pytest.mark.parametrize(("track", "path"), [("all", "book-keeping"), ("head", "weighted backward")])
 def test_backward_matches_weighted_backward(track, path):
-    model = _mlp(seed=7)
+    model = mlp(seed=7)
     twin = copy.deepcopy(model)
     gt = GradTail(model if track == "all" else model[2], decay=0.7)
     gt_twin = GradTail(twin if track == "all" else twin[2], decay=0.7)
@@ -155,7 +143,7 @@ def test_backward_matches_weighted_backward(track, path):
 
 
 def test_max_weight_one_trains_identically():
-    a, b = _mlp(seed=8), _mlp(seed=8)
+    a, b = mlp(seed=8), mlp(seed=8)
     opt_a, opt_b = torch.optim.Adam(a.parameters(), 1e-2), torch.optim.Adam(b.parameters(), 1e-2)
     gt = GradTail(a, max_weight=1.0)
     gen = torch.Generator().manual_seed(9)
@@ -173,7 +161,7 @@ def test_max_weight_one_trains_identically():
 
 
 def test_state_dict_round_trip_resumes_bit_identically():
-    model = _mlp(seed=10)
+    model = mlp(seed=10)
     gt = GradTail(model, decay=0.9)
     batches = [(torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 4, (7,))) for _ in range(3)]
     for x, y in batches[:2]:
@@ -199,7 +187,7 @@ def test_load_state_dict_rejects_other_shapes():
 
 
 def test_nothing_kept_for_eval_or_no_grad_and_memory_does_not_grow():
-    model = _mlp(seed=11)
+    model = mlp(seed=11)
     gt = GradTail(model)
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
     with torch.no_grad():
@@ -223,7 +211,7 @@ def test_errors_are_clear():
         GradTail([nn.Linear(2, 2), nn.Conv1d(1, 1, 1)])
     with pytest.raises(ValueError, match="none"):
         GradTail(nn.Sequential(nn.ReLU()))
-    model = _mlp(seed=12)
+    model = mlp(seed=12)
     gt = GradTail(model[2])
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 4, (4,))
     with pytest.raises(RuntimeError, match="without a forward"):
@@ -307,7 +295,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.gpu
 @cuda
 def test_cuda_state_lives_on_the_layer_device_and_matches_cpu():
-    cpu_model = _mlp(seed=16).float()
+    cpu_model = mlp(seed=16).float()
     gpu_model = copy.deepcopy(cpu_model).cuda()
     gt_cpu, gt_gpu = GradTail(cpu_model, decay=0.8), GradTail(gpu_model, decay=0.8)
     for _ in range(3):
@@ -323,7 +311,7 @@ def test_cuda_state_lives_on_the_layer_device_and_matches_cpu():
 @pytest.mark.gpu
 @cuda
 def test_cuda_autocast_float16_keeps_float32_state():
-    model = _mlp(seed=17).float().cuda()
+    model = mlp(seed=17).float().cuda()
     gt = GradTail(model)
     x, y = torch.randn(32, 6, device="cuda"), torch.randint(0, 4, (32,), device="cuda")
     for _ in range(3):
