@@ -695,6 +695,7 @@ def render_keras_overhead(doc: dict[str, Any]) -> str:
                 f"ratio (target {fmt_target(checks[0]['target'])})" if checks else "ratio",
                 "paired",
                 "min-based",
+                "CPU-time ratio / paired",
                 "extra per step",
                 "first epoch without / with",
             ],
@@ -707,6 +708,7 @@ def render_keras_overhead(doc: dict[str, Any]) -> str:
                     fmt_check(r["checks"][0]),
                     fmt_ratio(r.get("ratio_paired")),
                     fmt_ratio(r.get("ratio_min_based")),
+                    f"{fmt_ratio(r.get('ratio_cpu'))} / {fmt_ratio(r.get('ratio_cpu_paired'))}",
                     fmt_seconds((r["seconds"]["gradtail"] - r["seconds"]["plain"]) / r["steps_per_epoch"]),
                     f"{fmt_seconds(r['first_epoch_seconds']['plain'])} / "
                     f"{fmt_seconds(r['first_epoch_seconds']['gradtail'])}",
@@ -716,7 +718,9 @@ def render_keras_overhead(doc: dict[str, Any]) -> str:
         ),
         "",
         "*extra per step*: (median epoch with - without) / steps per epoch. *first epoch*: the "
-        "warm-up epoch, which includes tracing and compiling the train step (JAX).",
+        "warm-up epoch, which includes tracing and compiling the train step (JAX). *CPU-time "
+        "ratio*: the same ratios from the process CPU time of each epoch (not the checked value; "
+        "less moved by other processes' load).",
     ]
     method = doc.get("method", {})
     if method.get("timing"):
