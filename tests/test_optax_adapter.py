@@ -52,6 +52,13 @@ def features(p, x):
     return jnp.tanh(x @ p["hidden"]["kernel"] + p["hidden"]["bias"])
 
 
+def head_forward(p, x, y):
+    """Per-example losses, shape (B,), with the features (B, HIDDEN) and logits (B, CLASSES) as aux."""
+    h = features(p, x)
+    logits = h @ p["head"]["kernel"] + p["head"]["bias"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y), (h, logits)
+
+
 def per_example_losses(p, x, y):
     h = features(p, x)
     return optax.softmax_cross_entropy_with_integer_labels(h @ p["head"]["kernel"] + p["head"]["bias"], y)
@@ -212,7 +219,8 @@ def test_head_path_matches_sequence_reference():
         assert fn._cache_size() == 1
 
 
-def _head_path_step(state, params, x, y, **options):
+def head_path_step(state, params, x, y, **options):
+    """``head_weights`` of one batch of the test MLP: features, logits, output gradients."""
     h = features(params, x)
     logits = h @ params["head"]["kernel"] + params["head"]["bias"]
     _, dlogits = loss_and_output_grads(optax.softmax_cross_entropy_with_integer_labels, logits, y)
@@ -224,7 +232,7 @@ def test_head_path_equals_transform_on_the_head():
     tx = gradtail(batch_size=batch, decay=0.9, alignment_mask=HEAD_ONLY)
     s_tx = tx.init(params)
     s_head = head_init(params["head"], batch_size=batch)
-    head_fn = jax.jit(lambda s, x, y: _head_path_step(s, params, x, y, decay=0.9))
+    head_fn = jax.jit(lambda s, x, y: head_path_step(s, params, x, y, decay=0.9))
     tx_fn = jax.jit(lambda s, x, y: tx.update(per_example_grads(params, x, y), s, params)[1])
     for t in range(4):
         x, y = make_batch(t, batch)
@@ -240,12 +248,10 @@ def test_head_path_equals_transform_on_the_head():
     assert head_fn._cache_size() == 1
 
 
-@pytest.mark.parametrize("scope", ["head", "all"])
-def test_same_weights_as_gradtail_torch(scope):
-    torch = pytest.importorskip("torch")
-    from gradtail_torch import GradTail
+def torch_model_like(params):
+    """The test MLP as a float64 ``torch.nn.Sequential`` (Linear, Tanh, Linear) holding ``params``."""
+    import torch
 
-    params, batch = make_params(4), 16
     model = torch.nn.Sequential(
         torch.nn.Linear(D_IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, CLASSES)
     ).double()
@@ -253,12 +259,22 @@ def test_same_weights_as_gradtail_torch(scope):
         for layer, name in ((model[0], "hidden"), (model[2], "head")):
             layer.weight.copy_(torch.tensor(np.array(params[name]["kernel"]).T))  # (d_out, d_in)
             layer.bias.copy_(torch.tensor(np.array(params[name]["bias"])))
+    return model
+
+
+@pytest.mark.parametrize("scope", ["head", "all"])
+def test_same_weights_as_gradtail_torch(scope):
+    torch = pytest.importorskip("torch")
+    from gradtail_torch import GradTail
+
+    params, batch = make_params(4), 16
+    model = torch_model_like(params)
     gt = GradTail(model[2] if scope == "head" else model, decay=0.9)
     tx = gradtail(batch_size=batch, decay=0.9, alignment_mask=HEAD_ONLY if scope == "head" else None)
     s_tx = tx.init(params)
     s_head = head_init(params["head"], batch_size=batch)
     tx_fn = jax.jit(lambda s, x, y: tx.update(per_example_grads(params, x, y), s, params)[1])
-    head_fn = jax.jit(lambda s, x, y: _head_path_step(s, params, x, y, decay=0.9))
+    head_fn = jax.jit(lambda s, x, y: head_path_step(s, params, x, y, decay=0.9))
     for t in range(4):
         x, y = make_batch(t, batch)
         loss = torch.nn.functional.cross_entropy(
@@ -303,12 +319,7 @@ def test_jitted_long_tail_training_without_recompiling():
 
     @jax.jit
     def head_step(params, opt_state, gt, x, y):
-        def forward(p):
-            h = features(p, x)
-            logits = h @ p["head"]["kernel"] + p["head"]["bias"]
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y), (h, logits)
-
-        _, backward, (h, logits) = jax.vjp(forward, params, has_aux=True)
+        _, backward, (h, logits) = jax.vjp(lambda p: head_forward(p, x, y), params, has_aux=True)
         _, dlogits = loss_and_output_grads(optax.softmax_cross_entropy_with_integer_labels, logits, y)
         w, _, gt = head_weights(gt, h, dlogits, decay=0.9)
         (grads,) = backward(w / batch)  # the weighted loss, differentiated once

@@ -28,12 +28,13 @@ from .test_optax_adapter import (  # noqa: E402
     ALL,
     CLASSES,
     D_IN,
-    HIDDEN,
-    features,
     flat_rows,
+    head_forward,
+    head_path_step,
     make_params,
     numpy_per_example_grads,
     per_example_grads,
+    torch_model_like,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,13 +50,6 @@ def index_sequence(steps: int, batch: int, seed: int = 0) -> list[np.ndarray]:
     """Indices drawn with replacement: duplicates within a batch happen."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, N, size=batch) for _ in range(steps)]
-
-
-def head_step(state, params, x, y, **options):
-    h = features(params, x)
-    logits = h @ params["head"]["kernel"] + params["head"]["bias"]
-    _, dlogits = loss_and_output_grads(optax.softmax_cross_entropy_with_integer_labels, logits, y)
-    return head_weights(state, h, dlogits, **options)
 
 
 # ------------------------------------------------------------------------- the references
@@ -152,20 +146,16 @@ def test_same_weights_and_memory_as_gradtail_torch(warmup):
     from gradtail_torch import GradTail
 
     params, batch = make_params(4), 8
-    model = torch.nn.Sequential(
-        torch.nn.Linear(D_IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, CLASSES)
-    ).double()
-    with torch.no_grad():
-        for layer, name in ((model[0], "hidden"), (model[2], "head")):
-            layer.weight.copy_(torch.tensor(np.array(params[name]["kernel"]).T))  # (d_out, d_in)
-            layer.bias.copy_(torch.tensor(np.array(params[name]["bias"])))
+    model = torch_model_like(params)
     options = {"decay": 0.9, "warmup_steps": warmup, "memory_size": N}
     gt_all, gt_head = GradTail(model, **options), GradTail(model[2], **options)
     tx = gradtail(batch_size=batch, **options)
     s_tx = tx.init(params)
     s_head = head_init(params["head"], batch_size=batch, memory_size=N)
     tx_fn = jax.jit(lambda s, x, y, i: tx.update(per_example_grads(params, x, y), s, params, index=i)[1])
-    head_fn = jax.jit(lambda s, x, y, i: head_step(s, params, x, y, index=i, decay=0.9, warmup_steps=warmup))
+    head_fn = jax.jit(
+        lambda s, x, y, i: head_path_step(s, params, x, y, index=i, decay=0.9, warmup_steps=warmup)
+    )
     x_all, y_all = dataset()
     for index in index_sequence(6, batch, seed=2):
         x, y = jnp.asarray(x_all[index]), jnp.asarray(y_all[index])
@@ -349,12 +339,7 @@ def _head_step(axis_name=None, devices=1):
     def step(params, state, x, y, index):
         opt_state, gt = state
 
-        def forward(p):
-            h = features(p, x)
-            logits = h @ p["head"]["kernel"] + p["head"]["bias"]
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y), (h, logits)
-
-        _, backward, (h, logits) = jax.vjp(forward, params, has_aux=True)
+        _, backward, (h, logits) = jax.vjp(lambda p: head_forward(p, x, y), params, has_aux=True)
         _, dlogits = loss_and_output_grads(optax.softmax_cross_entropy_with_integer_labels, logits, y)
         w, _, gt = head_weights(gt, h, dlogits, axis_name=axis_name, index=index, **MEMORY_OPTIONS)
         (grads,) = backward(w / (x.shape[0] * devices))  # summed over devices under shard_map
