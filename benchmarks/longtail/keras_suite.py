@@ -25,7 +25,7 @@ also traces and compiles the train step.
 
 Usage::
 
-    .venv/bin/python -m benchmarks.longtail.keras_suite                  # full run, ~10 min on 2 cores
+    .venv/bin/python -m benchmarks.longtail.keras_suite                  # full run, ~4 min on 2 cores
     .venv/bin/python -m benchmarks.longtail.keras_suite --quick          # smoke run, < 1 min
     .venv/bin/python -m benchmarks.longtail.keras_suite --datasets digits_lt10 --seeds 0 1
     .venv/bin/python benchmarks/render_tables.py                         # the table in docs/benchmarks.md
