@@ -265,7 +265,7 @@ def test_index_errors_of_the_transform():
     with pytest.raises(ValueError, match=r"Received: shape \(5, 1\)"):
         jax.jit(lambda i: tx.update(grads, state, params, index=i))(jnp.zeros((5, 1), jnp.int32))
     with pytest.raises(TypeError, match=r"`index` must be an integer.*Received: dtype=float32"):
-        tx.update(grads, state, params, index=jnp.zeros(5))
+        tx.update(grads, state, params, index=jnp.zeros(5, jnp.float32))  # explicit: x64 may be on
     with pytest.raises(TypeError, match=r"Received: dtype=bool"):
         tx.update(grads, state, params, index=jnp.ones(5, bool))
     with pytest.raises(IndexError, match=r"`index`.*\[0, 20\).*Received.*25"):
@@ -285,7 +285,7 @@ def test_index_errors_of_the_head_path():
     with pytest.raises(ValueError, match=r"shape \(2,\).*Received: shape \(3,\)"):
         head_weights(state, a, d, index=jnp.arange(3))
     with pytest.raises(TypeError, match=r"Received: dtype=float32"):
-        head_weights(state, a, d, index=jnp.zeros(2))
+        head_weights(state, a, d, index=jnp.zeros(2, jnp.float32))
     with pytest.raises(ValueError, match=r"`memory_eta`.*Received: memory_eta=-1"):
         head_weights(state, a, d, index=jnp.arange(2), memory_eta=-1.0)
 
