@@ -52,6 +52,6 @@ def output_grads(per_example_loss: Callable[[Any], Any], z: Any, /) -> Any:
                 return torch.zeros_like(leaf)
             (grad,) = torch.autograd.grad(total, leaf)
         return grad
-    raise NotImplementedError(  # the callback checks the backend at fit start
+    raise RuntimeError(  # unreachable through the callback, which refuses other backends at fit start
         f"Per-example output gradients are implemented for the jax and torch backends; Received: {backend}."
     )
