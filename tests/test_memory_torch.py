@@ -157,6 +157,38 @@ def test_state_dict_round_trip_includes_memory():
         GradTail(mlp(), memory_size=20).load_state_dict(GradTail(mlp()).state_dict())
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("memory_decay", 1.0, r"`memory_decay` must lie in \[0, 1\); Received: memory_decay=1.0"),
+        ("decay", float("nan"), r"`decay` must lie in \[0, 1\]"),
+        ("memory_score", float("nan"), r"non-finite entries in \['memory_score'\]"),
+        ("total", float("inf"), r"non-finite entries in \['total'\]"),
+    ],
+)
+def test_load_state_dict_rejects_a_bad_state_and_keeps_its_own(key, value, match):
+    model = mlp()
+    x, y = _data()
+    gt = GradTail(model, memory_size=20, memory_decay=0.3)
+    for step in range(2):
+        index = torch.arange(step * 5, step * 5 + 5)
+        gt.backward(F.cross_entropy(model(x[index]), y[index], reduction="none"), index=index)
+    before = gt.state_dict()
+    bad = gt.state_dict()
+    if isinstance(bad[key], torch.Tensor):
+        bad[key] = bad[key].clone()
+        bad[key].view(-1)[0] = value
+    else:
+        bad[key] = value
+    with pytest.raises(ValueError, match=match):
+        gt.load_state_dict(bad)
+    after = gt.state_dict()  # nothing was assigned
+    assert after["memory_decay"] == before["memory_decay"]
+    assert after["decay"] == before["decay"]
+    for name in ("total", "count", "memory_score", "memory_visits"):
+        np.testing.assert_array_equal(after[name].numpy(), before[name].numpy())
+
+
 def test_memory_follows_the_tracked_layers_dtype():
     gt = GradTail(nn.Linear(3, 2).double(), memory_size=4)
     assert gt.memory_scores()[0].dtype == torch.float64

@@ -561,7 +561,18 @@ class GradTail:
                 f"The state was built with reference={state_dict['reference']!r} but this GradTail uses "
                 f"reference={self.reference!r}."
             )
+        # Validate everything before assigning anything: a rejected state leaves this one intact.
+        decay = float(state_dict.get("decay", self.decay))
+        validate_step_options(decay=decay, reference=self.reference, warmup_steps=self.warmup_steps)
+        memory_decay = float(state_dict.get("memory_decay", self.memory_decay))
+        _validate_memory_options(None, memory_decay, self.memory_eta, self.memory_max_weight)
+        arrays = {"total": state_dict["total"], **{f"mean[{k}]": t for k, t in enumerate(_flat(mean))}}
         memory = self._loaded_memory(state_dict)
+        if memory is not None:
+            arrays["memory_score"] = memory.score
+        bad = [name for name, t in arrays.items() if not bool(torch.isfinite(torch.as_tensor(t)).all())]
+        if bad:
+            raise ValueError(f"The state holds non-finite values; Received: non-finite entries in {bad}.")
         self.state = EMAState(
             mean=[
                 tuple(t.to(device=c.device, dtype=c.dtype) for t, c in zip(layer, cur, strict=True))
@@ -570,10 +581,10 @@ class GradTail:
             total=state_dict["total"].to(device=self.state.total.device, dtype=self.state.total.dtype),
             count=state_dict["count"].to(device=self.state.count.device, dtype=self.state.count.dtype),
         )
-        self.decay = float(state_dict.get("decay", self.decay))
+        self.decay = decay
         if memory is not None:
             self.memory = memory
-            self.memory_decay = float(state_dict.get("memory_decay", self.memory_decay))
+            self.memory_decay = memory_decay
 
     def _loaded_memory(self, state_dict: dict[str, Any]) -> MemoryState | None:
         has = "memory_score" in state_dict
@@ -619,6 +630,10 @@ class _EagerLayers:
             else:
                 layer.forward = original  # type: ignore[method-assign]
         self._saved = []
+
+
+def _flat(mean: Any) -> list[Any]:
+    return [t for layer in mean for t in layer]
 
 
 def _validate_memory_options(size: Any, decay: Any, eta: Any, max_weight: Any) -> None:
