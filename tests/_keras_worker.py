@@ -592,6 +592,104 @@ def config_and_state_round_trips() -> None:
     )
 
 
+@check("api")
+def review_regressions() -> None:
+    """Fixed review findings: a decay adopted between fits reaches the (JAX-cached) step; an
+    inference forward between steps is not scored; set_state mid-fit sticks (JAX); memory keys
+    and batch-level losses are refused; Keras masks are honoured by the scoring."""
+    from gradtail_keras import GradTailCallback
+
+    keras = keras_mod()
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    y = rng.integers(0, 3, 64)
+    kernel, bias = rng.normal(size=(5, 3)), 0.1 * rng.normal(size=3)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
+    model.set_weights([kernel.astype("float32"), bias.astype("float32")])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    fit = {"batch_size": 16, "epochs": 1, "shuffle": False, "verbose": 0}
+
+    # Decay adopted by set_state between fits: with decay 0 the state is the last batch's
+    # direction mean, from materialised per-example gradients (lr 0: the weights stay put).
+    cb = GradTailCallback(decay=0.9)
+    model.fit(x, y, callbacks=[cb], **fit)
+    state = cb.get_state()
+    state["decay"] = 0.0
+    cb.set_state(state)
+    probe_calls: list[int] = []
+
+    class Probe(keras.callbacks.Callback):  # an inference forward before every step
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            self.model(x[:4], training=False)
+            self.model(x[:4])  # training unset: outside the train step all the same
+            probe_calls.append(batch)
+
+    model.fit(x, y, callbacks=[cb, Probe()], **fit)
+    assert len(probe_calls) == 4
+    p = softmax(x[48:].astype(np.float64) @ kernel + bias)
+    gt = ReferenceGradTail(decay=0.0, reference="direction", kind="rank", max_weight=3.0)
+    gt.step(ref.per_example_linear_grads(x[48:], p - np.eye(3)[y[48:]], bias=True))
+    got = cb.get_state()
+    assert int(got["count"]) == 8
+    got_flat = np.concatenate([got["mean"][0][0].ravel(), got["mean"][0][1].ravel()])
+    np.testing.assert_allclose(got_flat, gt.state(), rtol=1e-4, atol=1e-6)
+
+    # set_state from another callback mid-fit: the reset after step 2 of 4 leaves 2 counted steps.
+    zero = {"mean": [[np.zeros((3, 5)), np.zeros(3)]], "total": 0.0, "count": 0}
+    reset = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: cb.set_state(zero) if batch == 1 else None
+    )
+    model.fit(x, y, callbacks=[cb, reset], **fit)
+    assert int(cb.get_state()["count"]) == 2, cb.get_state()["count"]
+
+    # A gradtail_torch state with a per-example memory: refused, naming the keys.
+    with_memory = dict(zero, memory_score=np.zeros(8), memory_visits=np.zeros(8), memory_decay=0.9)
+    expect_error(
+        lambda: cb.set_state(with_memory), (ValueError,), "memory_score", "memory_visits", "Received:"
+    )
+
+    # A loss whose call() returns one value per batch (Dice, axis=None): refused, model restored.
+    dice = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="sigmoid")])
+    dice.compile(optimizer="sgd", loss=keras.losses.Dice())
+    y_multi = (rng.random((64, 3)) > 0.5).astype("float32")
+    expect_error(
+        lambda: dice.fit(x, y_multi, callbacks=[GradTailCallback()], **fit),
+        (ValueError,),
+        "Dice",
+        "Received:",
+    )
+    assert "compute_loss" not in dice.__dict__
+    assert "train_step" not in dice.__dict__
+
+    # Masked (padded) timesteps: weights equal the reference built with masked steps' output
+    # gradients zeroed, so targets that differ only there give the same weights.
+    steps, vocab = 6, 10
+    inp = keras.Input((steps,), dtype="int32")
+    out = keras.layers.Dense(3, activation="softmax", name="head")(
+        keras.layers.Embedding(vocab, 4, mask_zero=True, name="emb")(inp)
+    )
+    seq = keras.Model(inp, out)
+    seq.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    emb = seq.get_layer("emb").get_weights()[0].astype(np.float64)
+    w_head, b_head = (v.astype(np.float64) for v in seq.get_layer("head").get_weights())
+    cb = GradTailCallback(decay=0.9)
+    cb.set_model(seq)
+    gt = ReferenceGradTail(decay=0.9, reference="direction", kind="rank", max_weight=3.0)
+    for _ in range(2):
+        xs = rng.integers(1, vocab, (8, steps))
+        xs[:, 3:] = 0
+        xs[0, 1:] = 0  # lengths 1 and 3
+        ys = rng.integers(0, 3, (8, steps))
+        mask = (xs != 0).astype(np.float64)
+        h = emb[xs]
+        ps = np.exp(h @ w_head + b_head)
+        ps /= ps.sum(axis=-1, keepdims=True)
+        want, _ = gt.step(ref.per_example_linear_grads(h, (ps - np.eye(3)[ys]) * mask[..., None], bias=True))
+        other = np.where(mask > 0, ys, (ys + 1) % 3)
+        np.testing.assert_allclose(cb.batch_weights(xs, other, update=False), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(cb.batch_weights(xs, ys), want, rtol=1e-5, atol=1e-6)
+
+
 def main() -> None:
     group = sys.argv[1]
     import torch

@@ -17,7 +17,11 @@ The backend is fixed when Keras is imported, so every backend runs in a fresh su
   synchronous batch-end dispatch between steps; everything is undone after ``fit``;
 - unsupported models fail at ``fit`` start (before any step) with a "Received: ..." message;
 - ``get_config`` round-trips (through JSON); the state resumes exactly after a ``.keras``
-  checkpoint plus ``save_state`` / ``load_state``, and differs without it.
+  checkpoint plus ``save_state`` / ``load_state``, and differs without it;
+- review regressions: a decay adopted by ``set_state`` between fits reaches the rebuilt step
+  (JAX caches traces), inference forwards between steps are not scored, ``set_state`` from a
+  callback mid-fit sticks, memory keys and batch-level losses (Dice) are refused, and Keras
+  masks zero the padded steps' gradients (float64 reference with the mask applied).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 from keras import ops
+from keras.src.backend import get_keras_mask  # no public accessor; Keras' own losses read it so
 
 from gradtail_ops import (
     DEFAULT_CURVE,
@@ -35,11 +36,15 @@ _STEP_FUNCTIONS = ("train_function", "test_function")
 
 
 class _Capture:
-    """What the tracked layer saw since the last loss computation: inputs, pre-activation, output."""
+    """What the tracked layer saw since the last loss computation: inputs, pre-activation, output.
 
-    __slots__ = ("calls", "inputs", "output", "preactivation")
+    Only forwards inside the train step (``active``) with ``training`` not False are recorded.
+    """
+
+    __slots__ = ("active", "calls", "inputs", "output", "preactivation")
 
     def __init__(self) -> None:
+        self.active = False
         self.clear()
 
     def clear(self) -> None:
@@ -154,6 +159,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._attached: dict[str, Any] | None = None
         self._step_cache: dict[str, Any] | None = None
         self._step_key: tuple[Any, ...] = ()
+        self._step_options: tuple[Any, ...] = ()
         self._ran = False
 
     # ------------------------------------------------------------------------ config
@@ -249,7 +255,16 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         ----------
         state : dict
             With keys ``mean``, ``total``, ``count`` (arrays or tensors) and optionally
-            ``reference`` (must match this callback's) and ``decay`` (adopted).
+            ``reference`` (must match this callback's) and ``decay`` (adopted; a later ``fit``
+            rebuilds its train step for it). During ``fit`` (from another callback) the state
+            takes effect from the next step.
+
+        Raises
+        ------
+        ValueError
+            For missing keys, another ``reference``, a ``decay`` outside [0, 1], shapes that do
+            not fit the tracked layer, or ``memory_*`` keys (a ``gradtail_torch`` state with a
+            per-example memory, which this callback cannot keep).
 
         Examples
         --------
@@ -258,6 +273,13 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         >>> int(cb.get_state()["count"])
         1
         """
+        memory = sorted(k for k in state if str(k).startswith("memory_"))
+        if memory:
+            raise ValueError(
+                "GradTailCallback keeps no per-example memory, so a state holding one cannot be restored "
+                f"without losing it; Received: keys {memory}. Drop them first to keep only the reference "
+                "(e.g. {k: v for k, v in state.items() if not k.startswith('memory_')})."
+            )
         missing = {"mean", "total", "count"} - set(state)
         if missing:
             raise ValueError(f"`state` must have keys mean, total and count; Received: keys {sorted(state)}.")
@@ -349,6 +371,12 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 f"total/count; Received: mean shapes {received}, total shape {clean['total'].shape}, "
                 f"count shape {clean['count'].shape}."
             )
+        if self._attached is not None:
+            model = self._attached["model"]
+            if hasattr(model, "jax_state_sync"):
+                # Mid-fit on JAX the train loop holds its own copy of the variables and re-reads
+                # them only after a sync; without it the next step would overwrite this state.
+                model.jax_state_sync()
         s.reference_kernel.assign(clean["mean"][0][0])
         if s.reference_bias is not None:
             s.reference_bias.assign(clean["mean"][0][1])
@@ -453,6 +481,8 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             finally:
                 dense.__dict__["activation"] = activation
             output = z if activation is None else activation(z)
+            if not capture.active or kwargs.get("training", args[0] if args else None) is False:
+                return output  # a forward outside the train step (another callback's), or inference
             capture.calls += 1
             capture.inputs, capture.preactivation, capture.output = inputs, z, output
             return output
@@ -484,25 +514,39 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             "call": original_call,
             "loss": original_loss,
             "plain": plain,
+            "train_step": model.__dict__.get("train_step"),
         }
         # The step functions must trace the wrapped methods and thread the new metric variables
         # (fit looks the train function up again at every step). The ones built by an earlier fit
         # of this callback are reused while the model is unchanged (same compile, layer and loss),
         # so repeated fit calls do not recompile; otherwise they are rebuilt.
+        # The step-shaping options are constants of the traced step: a changed option (e.g. a
+        # decay adopted by set_state) rebuilds it.
         key = (model, model.optimizer, model._compile_loss, dense, loss)
+        options = self._options()
         cached = self._step_cache
         reuse = (
             cached is not None
             and all(a is b for a, b in zip(cached["key"], key, strict=True))
+            and cached["options"] == options
             and all(plain[name] is cached["restored"][name] for name in _STEP_FUNCTIONS)
         )
         for name in _STEP_FUNCTIONS:
             setattr(model, name, cached["functions"][name] if reuse and cached is not None else None)
+        # The train step marks its forwards, the only ones scored (the torch trainer looks
+        # model.train_step up at every step). A fresh callable per attach also keeps jax.jit
+        # from reusing the trace of an earlier build, whose step options were constants.
+        object.__setattr__(model, "train_step", _recording_step(model.train_step, self._capture))
         if model.train_function is None:
             model.make_train_function(force=True)
         self._step_key = key
+        self._step_options = options
         # A reused function went through the wrapped compute_loss when it was traced.
         self._ran = bool(reuse and cached is not None and cached["verified"])
+
+    def _options(self) -> tuple[Any, ...]:
+        """The options traced into the train step as constants (the cache key's second half)."""
+        return (self.decay, self.reference, self.warmup_steps, self.curve, self.eps, self.method)
 
     def _detach(self) -> None:
         attached, self._attached = self._attached, None
@@ -512,6 +556,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         for obj, name, original in (
             (dense, "call", attached["call"]),
             (model, "compute_loss", attached["loss"]),
+            (model, "train_step", attached["train_step"]),
         ):
             if original is None:
                 obj.__dict__.pop(name, None)
@@ -524,6 +569,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             setattr(model, name, attached["plain"][name])
         self._step_cache = {
             "key": self._step_key,
+            "options": self._step_options,
             "functions": functions,
             "restored": attached["plain"],
             "verified": self._ran,
@@ -555,7 +601,14 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._ran = True
         tracker = self.state
         assert tracker is not None
-        weights, alignment, state = self._score(loss, dense.activation, z, inputs, y, tracker.ema_state())
+        mask = get_keras_mask(y_pred)
+        try:
+            weights, alignment, state = self._score(
+                loss, dense.activation, z, inputs, y, tracker.ema_state(), mask=mask
+            )
+        except ValueError:
+            self._detach()  # a loss the scoring cannot use: fit will not reach on_train_end
+            raise
         tracker.assign_ema_state(state)
         tracker.update_state(weights, alignment)
         return weights
@@ -568,20 +621,41 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         inputs: Any,
         y: Any,
         state: EMAState,
+        *,
+        mask: Any = None,
     ) -> tuple[Any, Any, EMAState]:
         """Weights, alignments and new reference for one batch: a pure function of its arrays.
 
         ``inputs`` (B, ..., input_dim) and ``z`` (B, ..., units) are the tracked layer's input and
         pre-activation output in this forward; ``z`` is differentiated through the activation and
         the loss, per example, by the backend's autodiff (no gradient flows back from here).
+        ``mask`` is the Keras mask of the model output (e.g. (B, T) from ``mask_zero=True``):
+        masked entries of ``loss.call`` are zeroed before differentiating, as Keras leaves them
+        out of the loss.
         """
         a = ops.stop_gradient(ops.convert_to_tensor(inputs))
         z = ops.stop_gradient(z)
         dtype = loss.dtype or keras.backend.floatx()
         y_true = ops.convert_to_tensor(y, dtype=dtype)
 
+        batch = z.shape[0]
+
         def per_example_loss(t: Any) -> Any:
-            return loss.call(y_true, ops.cast(t if activation is None else activation(t), dtype))
+            values = loss.call(y_true, ops.cast(t if activation is None else activation(t), dtype))
+            shape = tuple(values.shape)
+            if not shape or shape[0] != batch:
+                raise ValueError(
+                    "GradTailCallback scores each example through its own loss, so the compiled loss's "
+                    f"`call` must return one value per example (batch first, batch size {batch}); "
+                    f"Received: {type(loss).__name__}.call returning shape {shape}. Use a per-example "
+                    "loss (e.g. a Dice loss with an `axis` that keeps the batch axis)."
+                )
+            if mask is not None:
+                m = ops.cast(mask, values.dtype)
+                if len(m.shape) < len(values.shape):
+                    m = ops.reshape(m, tuple(m.shape) + (1,) * (len(values.shape) - len(m.shape)))
+                values = values * m
+            return values
 
         d = output_grads(per_example_loss, z)
         if len(a.shape) > 3:  # (B, ..., T, d): one sequence axis, as the core expects
@@ -637,9 +711,14 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._attach(model)
         try:
             self._capture.clear()
-            model(ops.convert_to_tensor(x), training=True)
+            self._capture.active = True
+            try:
+                model(ops.convert_to_tensor(x), training=True)
+            finally:
+                self._capture.active = False
             capture = self._capture
             inputs, z, calls = capture.inputs, capture.preactivation, capture.calls
+            mask = get_keras_mask(capture.output) if capture.output is not None else None
             capture.clear()
             dense, tracker = self._dense, self.state
             assert dense is not None
@@ -650,14 +729,14 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 )
             loss = _resolve_loss(model)
 
-            def score(z: Any, inputs: Any, y: Any, state: EMAState) -> Any:
-                return self._score(loss, dense.activation, z, inputs, y, state)
+            def score(z: Any, inputs: Any, y: Any, state: EMAState, mask: Any) -> Any:
+                return self._score(loss, dense.activation, z, inputs, y, state, mask=mask)
 
             if keras.backend.backend() == "jax":
                 import jax
 
                 score = jax.jit(score)
-            weights, _, state = score(z, inputs, ops.convert_to_tensor(y), tracker.ema_state())
+            weights, _, state = score(z, inputs, ops.convert_to_tensor(y), tracker.ema_state(), mask)
             if update:
                 tracker.assign_ema_state(state)
             return np.asarray(ops.convert_to_numpy(weights), dtype=np.float32)
@@ -667,6 +746,23 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------ helpers
+def _recording_step(train_step: Callable[..., Any], capture: _Capture) -> Callable[..., Any]:
+    """``train_step`` with the tracked layer's forwards recorded while it runs (or is traced).
+
+    A new function object per call, so that jax.jit traces it afresh instead of reusing the
+    trace of an earlier build (whose step options were constants).
+    """
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        capture.active = True
+        try:
+            return train_step(*args, **kwargs)
+        finally:
+            capture.active = False
+
+    return step
+
+
 def _to_numpy(value: Any) -> Any:
     if hasattr(value, "detach"):  # torch tensors from gradtail_torch's state_dict
         value = value.detach().cpu().numpy()
