@@ -652,8 +652,16 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 )
             if mask is not None:
                 m = ops.cast(mask, values.dtype)
+                while len(m.shape) > len(values.shape) and m.shape[-1] == 1:
+                    m = ops.squeeze(m, axis=-1)  # as Keras matches a (B, T, 1) mask to (B, T)
                 if len(m.shape) < len(values.shape):
                     m = ops.reshape(m, tuple(m.shape) + (1,) * (len(values.shape) - len(m.shape)))
+                if tuple(m.shape) != tuple(values.shape):
+                    raise ValueError(
+                        "GradTailCallback applies the output's Keras mask to the per-example losses; "
+                        f"Received: a mask of shape {tuple(mask.shape)} for losses of shape "
+                        f"{tuple(values.shape)}."
+                    )
                 values = values * m
             return values
 
