@@ -7,6 +7,7 @@ device exists. ``jax-jit`` is JAX with every call under ``jax.jit``.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -15,6 +16,10 @@ import numpy as np
 import pytest
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
+
+# Keras fixes its backend at first import and defaults to TensorFlow, which the test environment
+# lacks: without this, `pytest tests/test_keras_adapter.py` run alone would skip the module.
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "jax-jit", "cupy"]
 
