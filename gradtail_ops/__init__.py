@@ -18,7 +18,7 @@ from .linear import (
     multi_linear_alignment,
     multi_linear_dots_and_sq_norms,
 )
-from .memory import MemoryState, memory_init, memory_update, memory_weights
+from .memory import MemoryState, memory_init, memory_update, memory_weights, validate_memory_options
 from .step import (
     REFERENCES,
     GradTailOutput,
@@ -60,6 +60,7 @@ __all__ = [
     "memory_init",
     "memory_update",
     "memory_weights",
+    "validate_memory_options",
     "score_and_update",
     "validate_step_options",
     "weight_curve",

@@ -25,7 +25,7 @@ from array_api_compat import is_array_api_strict_namespace
 
 from ._checks import compute_dtype, namespace
 
-__all__ = ["MemoryState", "memory_init", "memory_update", "memory_weights"]
+__all__ = ["MemoryState", "memory_init", "memory_update", "memory_weights", "validate_memory_options"]
 
 Array = Any
 
@@ -53,6 +53,57 @@ def _check_count(num_examples: Any) -> int:
             f"`num_examples` must be a positive int (the training-set size); Received: {num_examples!r}."
         )
     return num_examples
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_memory_options(
+    *, memory_size: Any = None, memory_decay: Any, memory_eta: Any, memory_max_weight: Any
+) -> None:
+    """Check an adapter's per-example memory options; one rule for every adapter.
+
+    Parameters
+    ----------
+    memory_size : int or None, optional
+        None (the memory is off) or the positive number of training examples N.
+    memory_decay : float
+        Per-visit decay of `memory_update`, in [0, 1).
+    memory_eta : float
+        ``eta`` of `memory_weights`, finite and >= 0.
+    memory_max_weight : float
+        ``max_weight`` of `memory_weights`, finite and >= 1.
+
+    Raises
+    ------
+    ValueError
+        Naming the first invalid option ("Received: ...").
+
+    Examples
+    --------
+    >>> validate_memory_options(memory_size=1000, memory_decay=0.5, memory_eta=1.0, memory_max_weight=3.0)
+    >>> validate_memory_options(memory_decay=1.0, memory_eta=1.0, memory_max_weight=3.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `memory_decay` must lie in [0, 1); Received: memory_decay=1.0.
+    """
+    if memory_size is not None and (
+        isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1
+    ):
+        raise ValueError(
+            "`memory_size` must be None (off) or a positive int, the number of training examples; "
+            f"Received: memory_size={memory_size!r}."
+        )
+    if not (_is_number(memory_decay) and 0.0 <= memory_decay < 1.0):
+        raise ValueError(f"`memory_decay` must lie in [0, 1); Received: memory_decay={memory_decay!r}.")
+    if not (_is_number(memory_eta) and memory_eta >= 0.0):
+        raise ValueError(f"`memory_eta` must be a finite number >= 0; Received: memory_eta={memory_eta!r}.")
+    if not (_is_number(memory_max_weight) and memory_max_weight >= 1.0):
+        raise ValueError(
+            "`memory_max_weight` must be a finite number >= 1; Received: "
+            f"memory_max_weight={memory_max_weight!r}."
+        )
 
 
 def memory_init(

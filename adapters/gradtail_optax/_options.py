@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 
-from gradtail_ops import WeightCurve, validate_step_options
+from gradtail_ops import WeightCurve, validate_memory_options, validate_step_options
 
 __all__ = [
     "Decay",
     "Options",
     "check_device_local",
-    "check_memory_options",
     "check_memory_size",
     "check_not_wrapped",
     "make_options",
@@ -81,7 +79,7 @@ def make_options(
     )
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"`eps` must be a non-negative float; Received: eps={eps!r}.")
-    check_memory_options(
+    validate_memory_options(
         memory_decay=memory_decay, memory_eta=memory_eta, memory_max_weight=memory_max_weight
     )
     return Options(
@@ -97,33 +95,10 @@ def make_options(
     )
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def check_memory_size(memory_size: Any) -> int | None:
     """None (the memory is off) or the positive int number of training examples."""
-    if memory_size is not None and (
-        isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1
-    ):
-        raise ValueError(
-            "`memory_size` must be None (off) or a positive int, the number of training examples; "
-            f"Received: memory_size={memory_size!r}."
-        )
-    return memory_size
-
-
-def check_memory_options(*, memory_decay: Any, memory_eta: Any, memory_max_weight: Any) -> None:
-    """The per-example memory's options, with the ranges of `gradtail_torch.GradTail`'s."""
-    if not (_is_number(memory_decay) and 0.0 <= memory_decay < 1.0):
-        raise ValueError(f"`memory_decay` must lie in [0, 1); Received: memory_decay={memory_decay!r}.")
-    if not (_is_number(memory_eta) and memory_eta >= 0.0):
-        raise ValueError(f"`memory_eta` must be a finite number >= 0; Received: memory_eta={memory_eta!r}.")
-    if not (_is_number(memory_max_weight) and memory_max_weight >= 1.0):
-        raise ValueError(
-            "`memory_max_weight` must be a finite number >= 1; Received: "
-            f"memory_max_weight={memory_max_weight!r}."
-        )
+    validate_memory_options(memory_size=memory_size, memory_decay=0.0, memory_eta=0.0, memory_max_weight=1.0)
+    return cast("int | None", memory_size)
 
 
 def resolve_decay(decay: Decay, count: jax.Array) -> Any:

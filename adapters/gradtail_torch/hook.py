@@ -23,6 +23,7 @@ from gradtail_ops import (
     memory_init,
     memory_update,
     memory_weights,
+    validate_memory_options,
     validate_step_options,
 )
 from gradtail_ops.curves import Curve
@@ -159,7 +160,12 @@ class GradTail:
         memory_max_weight: float = 3.0,
     ) -> None:
         validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
-        _validate_memory_options(memory_size, memory_decay, memory_eta, memory_max_weight)
+        validate_memory_options(
+            memory_size=memory_size,
+            memory_decay=memory_decay,
+            memory_eta=memory_eta,
+            memory_max_weight=memory_max_weight,
+        )
         self.layers, self._root = _collect_linears(modules)
         self.decay = float(decay)
         self.reference = reference
@@ -565,7 +571,9 @@ class GradTail:
         decay = float(state_dict.get("decay", self.decay))
         validate_step_options(decay=decay, reference=self.reference, warmup_steps=self.warmup_steps)
         memory_decay = float(state_dict.get("memory_decay", self.memory_decay))
-        _validate_memory_options(None, memory_decay, self.memory_eta, self.memory_max_weight)
+        validate_memory_options(
+            memory_decay=memory_decay, memory_eta=self.memory_eta, memory_max_weight=self.memory_max_weight
+        )
         arrays = {"total": state_dict["total"], **{f"mean[{k}]": t for k, t in enumerate(_flat(mean))}}
         memory = self._loaded_memory(state_dict)
         if memory is not None:
@@ -634,22 +642,6 @@ class _EagerLayers:
 
 def _flat(mean: Any) -> list[Any]:
     return [t for layer in mean for t in layer]
-
-
-def _validate_memory_options(size: Any, decay: Any, eta: Any, max_weight: Any) -> None:
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(
-            "`memory_size` must be None (off) or a positive int, the number of training examples; "
-            f"Received: memory_size={size!r}."
-        )
-    if not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
-        raise ValueError(f"`memory_decay` must lie in [0, 1); Received: memory_decay={decay!r}.")
-    if not (isinstance(eta, (int, float)) and 0.0 <= eta < float("inf")):
-        raise ValueError(f"`memory_eta` must be a finite number >= 0; Received: memory_eta={eta!r}.")
-    if not (isinstance(max_weight, (int, float)) and 1.0 <= max_weight < float("inf")):
-        raise ValueError(
-            f"`memory_max_weight` must be a finite number >= 1; Received: memory_max_weight={max_weight!r}."
-        )
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
