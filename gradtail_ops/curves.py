@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from ._checks import compute_dtype, namespace
+from .validation import check_choice, check_real
 
 __all__ = ["CURVES", "WeightCurve", "weight_curve"]
 
 Array = Any
 Curve = Literal["sigmoid", "spare_negative", "rank", "zscore"]
 CURVES: tuple[str, ...] = ("sigmoid", "spare_negative", "rank", "zscore")
+# WeightCurve() without kind= (the 0.1 sigmoid default, deprecated): told apart from kind="sigmoid".
+_UNSET_KIND: Curve = cast("Curve", None)
 
 
 def _sigmoid(xp: Any, x: Array) -> Array:
@@ -25,13 +29,30 @@ def _finite_or(xp: Any, a: Array, finite: Array, fill: float) -> Array:
     return xp.where(finite, a, xp.full_like(a, fill))
 
 
-def _check_number(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
-    if not isinstance(value, (int, float)):
-        return  # traced or array values are the caller's responsibility under jit
-    ok = (low < value if open_low else low <= value) and value <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}]; Received: {name}={value}.")
+def _check_options(
+    *, max_weight: Any, threshold: Any, temperature: Any, quantile: Any, floor: Any
+) -> tuple[Any, Any, Any, Any, Any]:
+    """Concrete options checked (finite, in range) and made Python floats; traced ones kept.
+
+    Arrays of shape () that cannot be read (traced under ``jax.jit``) are the caller's
+    responsibility; every concrete number, Python, NumPy or 0-d array, is checked.
+    """
+
+    def one(name: str, value: Any, **bounds: Any) -> Any:
+        try:
+            return check_real(name, value, **bounds)
+        except TypeError:
+            if getattr(value, "shape", None) == () and not isinstance(value, (bool, str)):
+                return value  # traced
+            raise
+
+    return (
+        one("max_weight", max_weight, low=1.0),
+        one("threshold", threshold),
+        one("temperature", temperature, low=0.0, open_low=True),
+        one("quantile", quantile, low=0.0, high=1.0),
+        one("floor", floor),
+    )
 
 
 def weight_curve(
@@ -103,11 +124,10 @@ def weight_curve(
     dtype = compute_dtype(xp, alignment=alignment)
     if alignment.ndim != 1:
         raise ValueError(f"`alignment` must have shape (B,); Received: shape {tuple(alignment.shape)}.")
-    if kind not in CURVES:
-        raise ValueError(f"`kind` must be one of {CURVES}; Received: kind={kind!r}.")
-    _check_number("max_weight", max_weight, 1.0, float("inf"))
-    _check_number("temperature", temperature, 0.0, float("inf"), open_low=True)
-    _check_number("quantile", quantile, 0.0, 1.0)
+    check_choice("kind", kind, CURVES)
+    max_weight, threshold, temperature, quantile, floor = _check_options(
+        max_weight=max_weight, threshold=threshold, temperature=temperature, quantile=quantile, floor=floor
+    )
     a = xp.astype(alignment, dtype, copy=False)
     finite = xp.isfinite(a)
     # Bounded so batch statistics of huge finite scores cannot overflow (cosines are in [-1, 1]).
@@ -142,7 +162,13 @@ class WeightCurve:
     """A weighting curve with its options bound: ``WeightCurve(...)(alignment)``.
 
     Frozen and hashable, so it can be a static argument under ``jax.jit``. The fields are
-    the keyword options of `weight_curve`, with the same defaults.
+    the keyword options of `weight_curve`; every number is checked finite and in range on
+    construction (NumPy and 0-d array scalars are accepted and stored as Python floats).
+
+    ``kind`` should be given: ``WeightCurve()`` without it is the sigmoid, unnormalised, as
+    in 0.1.0, which is *not* the library's default curve, and warns (FutureWarning). The
+    library's default is ``DEFAULT_CURVE`` (rank, ``normalize=True``); from 0.3 a bare
+    ``WeightCurve()`` will equal it.
 
     Examples
     --------
@@ -151,7 +177,7 @@ class WeightCurve:
     array([3., 1.])
     """
 
-    kind: Curve = "sigmoid"
+    kind: Curve = _UNSET_KIND
     max_weight: float = 3.0
     threshold: float = 0.0
     temperature: float = 0.1
@@ -161,11 +187,34 @@ class WeightCurve:
 
     def __post_init__(self) -> None:
         # Fail at construction (e.g. in an adapter's constructor), not at the first step.
-        if self.kind not in CURVES:
-            raise ValueError(f"`kind` must be one of {CURVES}; Received: kind={self.kind!r}.")
-        _check_number("max_weight", self.max_weight, 1.0, float("inf"))
-        _check_number("temperature", self.temperature, 0.0, float("inf"), open_low=True)
-        _check_number("quantile", self.quantile, 0.0, 1.0)
+        if self.kind is _UNSET_KIND:
+            warnings.warn(
+                "WeightCurve() without kind= is the sigmoid without normalisation (its 0.1 default), "
+                "not the library's default curve gradtail_ops.DEFAULT_CURVE (kind='rank', "
+                "normalize=True); from 0.3 a bare WeightCurve() will equal DEFAULT_CURVE. Pass kind= "
+                "(and normalize=) explicitly.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "kind", "sigmoid")
+        check_choice("kind", self.kind, CURVES)
+        checked = _check_options(
+            max_weight=self.max_weight,
+            threshold=self.threshold,
+            temperature=self.temperature,
+            quantile=self.quantile,
+            floor=self.floor,
+        )
+        for name, value in zip(
+            ("max_weight", "threshold", "temperature", "quantile", "floor"), checked, strict=True
+        ):
+            if not isinstance(value, float):
+                raise TypeError(f"`{name}` must be a concrete number; Received: {type(value).__name__}.")
+            object.__setattr__(self, name, value)
+        normalize: Any = self.normalize
+        if not isinstance(normalize, bool) and type(normalize).__name__ != "bool_":
+            raise TypeError(f"`normalize` must be a bool; Received: normalize={self.normalize!r}.")
+        object.__setattr__(self, "normalize", bool(self.normalize))
 
     def __call__(self, alignment: Array, /) -> Array:
         """Weights for ``alignment`` (shape (B,)); see `weight_curve`."""

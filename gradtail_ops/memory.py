@@ -24,6 +24,7 @@ from array_api_compat import device as array_device
 from array_api_compat import is_array_api_strict_namespace
 
 from ._checks import compute_dtype, namespace
+from .config import MemoryConfig
 
 __all__ = ["MemoryState", "memory_init", "memory_update", "memory_weights", "validate_memory_options"]
 
@@ -86,24 +87,14 @@ def validate_memory_options(
     >>> validate_memory_options(memory_decay=1.0, memory_eta=1.0, memory_max_weight=3.0)
     Traceback (most recent call last):
     ...
-    ValueError: `memory_decay` must lie in [0, 1); Received: memory_decay=1.0.
+    ValueError: `memory_decay` must be a finite number in [0.0, 1.0); Received: memory_decay=1.0.
     """
-    if memory_size is not None and (
-        isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1
-    ):
-        raise ValueError(
-            "`memory_size` must be None (off) or a positive int, the number of training examples; "
-            f"Received: memory_size={memory_size!r}."
-        )
-    if not (_is_number(memory_decay) and 0.0 <= memory_decay < 1.0):
-        raise ValueError(f"`memory_decay` must lie in [0, 1); Received: memory_decay={memory_decay!r}.")
-    if not (_is_number(memory_eta) and memory_eta >= 0.0):
-        raise ValueError(f"`memory_eta` must be a finite number >= 0; Received: memory_eta={memory_eta!r}.")
-    if not (_is_number(memory_max_weight) and memory_max_weight >= 1.0):
-        raise ValueError(
-            "`memory_max_weight` must be a finite number >= 1; Received: "
-            f"memory_max_weight={memory_max_weight!r}."
-        )
+    MemoryConfig(
+        1 if memory_size is None else memory_size,
+        decay=memory_decay,
+        eta=memory_eta,
+        max_weight=memory_max_weight,
+    )
 
 
 def memory_init(

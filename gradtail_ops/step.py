@@ -1,33 +1,90 @@
-"""One GradTail step in one call: score the batch, weight it, update the reference."""
+"""One GradTail step in one call: score the batch, weight it, update the reference.
+
+`tail_step` (materialised per-example gradients) and `linear_tail_step` (linear layers in
+factored form) apply the whole policy of a `GradTailConfig` to a `TailState`: the score,
+the curve, warm-up, the per-example memory and its gating, empty batches and the
+cross-replica hooks. The adapters call them and add only framework plumbing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
+
+from array_api_compat import device as array_device
 
 from ._checks import check_shape, compute_dtype, namespace
 from ._tree import leaves, map_leaves
 from .alignment import cosine_from_dots, dense_dots_and_sq_norms
+from .config import REFERENCES, GradTailConfig, Method, Reference
 from .curves import WeightCurve
 from .defaults import DEFAULT_CURVE, DEFAULT_DECAY, DEFAULT_REFERENCE
 from .ema import EMAState, ema_mean, ema_update
-from .linear import Method, linear_mean_grad, multi_linear_dots_and_sq_norms
+from .linear import linear_mean_grad, multi_linear_dots_and_sq_norms
+from .memory import MemoryState, memory_update, memory_weights
+from .state import TailState, next_steps
+from .validation import check_choice, check_int, check_real
 
 __all__ = [
     "REFERENCES",
+    "Collectives",
     "GradTailOutput",
+    "TailOutput",
     "inverse_norms",
     "linear_score_and_update",
+    "linear_tail_step",
     "score_and_update",
+    "tail_step",
     "validate_step_options",
     "weighted_batch_mean",
 ]
 
 Array = Any
-Reference = Literal["mean", "direction"]
 #: ``score(dots, sq_norms, ref_sq_norm) -> (B,)``: low means tail-like, as for the cosine.
 Score = Callable[[Array, Array, Array], Array]
-REFERENCES: tuple[str, ...] = ("mean", "direction")
+
+
+class Collectives(NamedTuple):
+    """Cross-replica operations for data-parallel training, supplied by the adapter.
+
+    Attributes
+    ----------
+    mean : callable
+        Cross-replica mean of a nested list/tuple of arrays (e.g. ``jax.lax.pmean`` or an
+        all-reduce): applied to the batch's reference gradient before the EMA update, so
+        every replica keeps the same reference.
+    gather : callable, optional
+        ``(B,) -> (R * B,)``, every replica's entries in replica order, identical on all
+        replicas. With the per-example memory, indices and scores are gathered so every
+        replica applies the same global-batch update.
+    local : callable, optional
+        ``(R * B,) -> (B,)``, this replica's block of a gathered array.
+    """
+
+    mean: Callable[[Any], Any]
+    gather: Callable[[Array], Array] | None = None
+    local: Callable[[Array], Array] | None = None
+
+
+class TailOutput(NamedTuple):
+    """What `tail_step` and `linear_tail_step` return.
+
+    Attributes
+    ----------
+    weights : array, shape (B,)
+        Loss weights to treat as constants: ``loss = mean_i(weights_i * L_i)``.
+    alignment : array, shape (B,)
+        ``cos(g_i, G)`` against the reference of previous batches (or the custom ``score``).
+    sq_norms : array, shape (B,)
+        ``||g_i||^2`` over the scored parameters.
+    state : TailState
+        The state after this batch.
+    """
+
+    weights: Array
+    alignment: Array
+    sq_norms: Array
+    state: TailState
 
 
 class GradTailOutput(NamedTuple):
@@ -76,12 +133,12 @@ def inverse_norms(sq_norms: Array, /) -> Array:
 
 
 def validate_step_options(*, decay: float | Array, reference: str, warmup_steps: int) -> None:
-    """Raise ValueError for step options out of range (adapters call it at construction).
+    """Raise for step options out of range (kept from 0.1; `GradTailConfig` checks everything).
 
     Parameters
     ----------
     decay : float or array
-        Checked to lie in [0, 1] when it is a Python number (arrays may be traced).
+        A concrete number must be finite and lie in [0, 1] (traced arrays are not checked).
     reference : str
         One of `REFERENCES`.
     warmup_steps : int
@@ -91,37 +148,282 @@ def validate_step_options(*, decay: float | Array, reference: str, warmup_steps:
     --------
     >>> validate_step_options(decay=0.9, reference="direction", warmup_steps=0)
     """
-    if isinstance(decay, (int, float)) and not 0.0 <= float(decay) <= 1.0:
-        raise ValueError(f"`decay` must lie in [0, 1]; Received: decay={decay}.")
-    if reference not in REFERENCES:
-        raise ValueError(f"`reference` must be one of {REFERENCES}; Received: reference={reference!r}.")
-    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+    if not callable(decay) and (getattr(decay, "shape", None) != () or _concrete(decay)):
+        check_real("decay", decay, low=0.0, high=1.0)
+    check_choice("reference", reference, REFERENCES)
+    try:
+        check_int("warmup_steps", warmup_steps, low=0)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _concrete(x: Any) -> bool:
+    try:
+        float(x)
+    except Exception:
+        return False
+    return True
+
+
+def _check_batch_index(state: TailState, index: Array | None, batch: int) -> None:
+    """The index is given exactly when the memory is on, with one entry per example."""
+    if state.memory is None:
+        if index is not None:
+            raise ValueError(
+                "`index` was given but the state has no per-example memory: configure one with "
+                "memory_size=<number of training examples> (MemoryConfig); Received: index of shape "
+                f"{tuple(getattr(index, 'shape', ()))}."
+            )
+        return
+    size = int(state.memory.score.shape[0])
+    if index is None:
         raise ValueError(
-            f"`warmup_steps` must be a non-negative int; Received: warmup_steps={warmup_steps!r}."
+            f"The state keeps a per-example memory (memory_size={size}): pass index=, each example's "
+            f"row in [0, {size}); Received: index=None."
+        )
+    if tuple(getattr(index, "shape", ())) != (batch,):
+        raise ValueError(
+            f"`index` must have shape ({batch},), one row per example of the batch; "
+            f"Received: shape {tuple(getattr(index, 'shape', ()))}."
         )
 
 
-def _finish(
+def _empty_output(xp: Any, state: TailState, like: Array) -> TailOutput:
+    """An empty batch changes nothing: weights, alignments and norms of shape (0,)."""
+    dtype = state.ema.total.dtype
+    empty = xp.zeros((0,), dtype=dtype, device=array_device(like))
+    return TailOutput(empty, empty, empty, state)
+
+
+def _policy(
     xp: Any,
-    state: EMAState,
+    state: TailState,
     scored: tuple[Array, Array, Array, Any],
+    config: GradTailConfig,
+    index: Array | None,
+    collectives: Collectives | None,
+    score: Score | None,
+    copy_memory: bool,
+) -> TailOutput:
+    """Weights from the score (curve or memory), then the reference and memory updates."""
+    dots, sq, ref_sq, batch_reference = scored
+    align = (
+        cosine_from_dots(dots, sq, ref_sq, eps=config.eps, xp=xp)
+        if score is None
+        else score(dots, sq, ref_sq)
+    )
+    updates_before = state.ema.count
+    # Ones until a reference exists and through warm-up; the EMA is updated regardless.
+    active = updates_before >= max(1, config.warmup_steps)
+    memory = state.memory
+    if config.memory is None or memory is None:
+        weights = xp.where(active, config.curve(align), xp.ones_like(align))
+    else:
+        weights, memory = _memory_policy(
+            xp, memory, index, align, updates_before, config, collectives, copy_memory
+        )
+        weights = xp.where(active, weights, xp.ones_like(weights))
+    if collectives is not None:
+        batch_reference = collectives.mean(batch_reference)
+    ema = ema_update(state.ema, batch_reference, decay=config.decay_at(state.steps))
+    return TailOutput(
+        weights, align, sq, TailState(ema=ema, memory=memory, steps=next_steps(xp, state.steps))
+    )
+
+
+def _memory_policy(
+    xp: Any,
+    memory: MemoryState,
+    index: Array,
+    align: Array,
+    updates_before: Array,
+    config: GradTailConfig,
+    collectives: Collectives | None,
+    copy_memory: bool,
+) -> tuple[Array, MemoryState]:
+    """Fold the alignments into the memory, and read the weights from it.
+
+    Before the first reference update every alignment is 0 and meaningless: the scores are
+    then NaN, which the memory leaves out (a static-shape rule, ``jax.jit``-safe).
+    """
+    assert config.memory is not None
+    dtype = memory.score.dtype
+    scores = xp.astype(align, dtype)
+    scores = xp.where(updates_before >= 1, scores, xp.full_like(scores, float("nan")))
+    rows = index
+    if collectives is not None and collectives.gather is not None:
+        rows, scores = collectives.gather(index), collectives.gather(scores)
+    memory = memory_update(memory, rows, scores, decay=config.memory.decay, copy=copy_memory)
+    weights = memory_weights(
+        memory, rows, eta=config.memory.eta, max_weight=config.memory.max_weight, normalize=True
+    )
+    if collectives is not None and collectives.local is not None:
+        weights = collectives.local(weights)
+    return xp.astype(weights, align.dtype), memory
+
+
+def tail_step(
+    state: TailState,
+    per_sample_grads: Any,
+    /,
+    *,
+    config: GradTailConfig,
+    index: Array | None = None,
+    collectives: Collectives | None = None,
+    score: Score | None = None,
+    copy_memory: bool = True,
+) -> TailOutput:
+    """A whole GradTail step from materialised per-example gradients, under ``config``.
+
+    Scores the batch against the reference of previous batches, maps the alignments to
+    weights (the config's curve, or the per-example memory), then folds this batch's
+    unweighted reference gradient into the EMA, so a batch never scores against itself
+    (Chen et al., 2022, arXiv:2201.05938; the formulation is ours, docs/method.md).
+
+    The policy, in full:
+
+    - weights are 1 until the reference has ``max(1, warmup_steps)`` updates;
+    - the memory (``config.memory``) is updated once a reference exists, and gives the
+      weights after warm-up instead of the curve; ``index`` is then required;
+    - a batch with a non-finite gradient does not update the reference (its examples get
+      weight 1 and a NaN alignment), but counts as a step for a decay schedule;
+    - an empty batch (B = 0) changes nothing and returns arrays of shape (0,).
+
+    Parameters
+    ----------
+    state : TailState
+        From ``tail_init(template, config=config)``, ``template`` shaped like one example's
+        gradient (an array or nested list/tuple of arrays).
+    per_sample_grads : array of shape (B, *S), or nested list/tuple of such arrays
+        Per-example gradients of the scored parameters.
+    config : GradTailConfig
+        The policy (decay or schedule, reference, warm-up, curve, eps, memory).
+    index : integer array of shape (B,), optional
+        The examples' rows in the memory, in ``[0, config.memory.size)``. Required exactly
+        when the config has a memory.
+    collectives : Collectives, optional
+        Cross-replica mean (and gather for the memory) in data-parallel training.
+    score : callable, optional
+        ``score(dots, sq_norms, ref_sq_norm) -> (B,)`` replacing the cosine; lower means
+        more tail-like.
+    copy_memory : bool, optional
+        False lets NumPy/PyTorch update the memory in place (O(B) instead of O(N)); the
+        caller then gives up the old state. Defaults to True.
+
+    Returns
+    -------
+    TailOutput
+        ``weights``, ``alignment``, ``sq_norms`` of shape (B,), and the new state.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradtail_ops import GradTailConfig, WeightCurve, tail_init
+    >>> curve = WeightCurve(kind="sigmoid", max_weight=2.0)
+    >>> config = GradTailConfig(decay=0.9, reference="mean", curve=curve)
+    >>> state = tail_init(np.zeros(2), config=config)
+    >>> out = tail_step(state, np.array([[1.0, 0.0], [1.0, 0.1]]), config=config)
+    >>> out.weights  # no reference yet
+    array([1., 1.])
+    >>> out = tail_step(out.state, np.array([[1.0, 0.0], [-1.0, 0.0]]), config=config)
+    >>> out.weights.round(3)
+    array([1., 2.])
+    """
+    first = leaves(per_sample_grads)[0] if leaves(per_sample_grads) else None
+    if first is not None and first.ndim >= 1 and first.shape[0] == 0:
+        _check_batch_index(state, index, 0)
+        return _empty_output(namespace(first), state, first)
+    dots, sq, ref_sq = dense_dots_and_sq_norms(per_sample_grads, ema_mean(state.ema))
+    xp = namespace(dots)
+    _check_batch_index(state, index, int(dots.shape[0]))
+    coef = inverse_norms(sq) if config.reference == "direction" else None
+    batch_reference = weighted_batch_mean(per_sample_grads, coef)
+    scored = (dots, sq, ref_sq, batch_reference)
+    return _policy(xp, state, scored, config, index, collectives, score, copy_memory)
+
+
+def linear_tail_step(
+    state: TailState,
+    layers: Sequence[tuple[Array, Array]],
+    /,
+    *,
+    config: GradTailConfig,
+    index: Array | None = None,
+    collectives: Collectives | None = None,
+    score: Score | None = None,
+    copy_memory: bool = True,
+) -> TailOutput:
+    """A whole GradTail step for linear layers, in factored form, scored jointly.
+
+    Same policy as `tail_step`, from each layer's inputs and per-example output gradients:
+    no per-example gradient and no (B, d_out, d_in) array is built.
+
+    Parameters
+    ----------
+    state : TailState
+        From ``tail_init([(W1, b1), (W2,), ...], config=config)``: one tuple per layer,
+        arrays shaped like the weight (d_out, d_in) and, for a layer with bias, the bias.
+    layers : sequence of (inputs, output_grads)
+        Per layer, inputs (B, d_in) or (B, T, d_in) and each example's loss gradient with
+        respect to the layer output, (B, d_out) or (B, T, d_out).
+    config, index, collectives, score, copy_memory
+        As in `tail_step`; ``config.method`` chooses how sequence norms are computed.
+
+    Returns
+    -------
+    TailOutput
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gradtail_ops import GradTailConfig, tail_init
+    >>> config = GradTailConfig(decay=0.9)
+    >>> state = tail_init([(np.zeros((1, 2)), np.zeros(1))], config=config)
+    >>> layer = (np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0], [-1.0]]))
+    >>> out = linear_tail_step(state, [layer], config=config)
+    >>> out.weights, int(out.state.ema.count)
+    (array([1., 1.]), 1)
+    """
+    if layers and layers[0][0].ndim >= 1 and layers[0][0].shape[0] == 0:
+        _check_batch_index(state, index, 0)
+        return _empty_output(namespace(layers[0][0]), state, layers[0][0])
+    means = ema_mean(state.ema)
+    dots, sq, ref_sq = multi_linear_dots_and_sq_norms(layers, means, method=config.method)
+    xp = namespace(dots)
+    _check_batch_index(state, index, int(dots.shape[0]))
+    coef = inverse_norms(sq) if config.reference == "direction" else None
+    batch_reference = type(means)(
+        tuple(
+            linear_mean_grad(a, d, bias=len(mean) == 2, example_weights=coef)[: len(mean)]
+            for (a, d), mean in zip(layers, means, strict=True)
+        )
+    )
+    scored = (dots, sq, ref_sq, batch_reference)
+    return _policy(xp, state, scored, config, index, collectives, score, copy_memory)
+
+
+def _legacy_config(
     decay: float | Array,
+    reference: str,
     curve: WeightCurve | None,
     warmup_steps: int,
     eps: float,
-    reduce_mean: Callable[[Any], Any] | None,
-    score: Score | None,
-) -> GradTailOutput:
-    """Weights from the score, then the EMA update: the part both step functions share."""
-    dots, sq, ref_sq, batch_reference = scored
-    curve = DEFAULT_CURVE if curve is None else curve
-    align = cosine_from_dots(dots, sq, ref_sq, eps=eps, xp=xp) if score is None else score(dots, sq, ref_sq)
-    # Ones until a reference exists and through warm-up; the EMA is updated regardless.
-    active = state.count >= max(1, warmup_steps)
-    weights = xp.where(active, curve(align), xp.ones_like(align))
-    if reduce_mean is not None:
-        batch_reference = reduce_mean(batch_reference)
-    return GradTailOutput(weights, align, sq, ema_update(state, batch_reference, decay=decay))
+    method: str,
+) -> GradTailConfig:
+    validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
+    schedule = decay if isinstance(decay, (int, float)) else (lambda _steps: decay)
+    return GradTailConfig(
+        decay=schedule,
+        reference=reference,  # type: ignore[arg-type]
+        warmup_steps=warmup_steps,
+        curve=DEFAULT_CURVE if curve is None else curve,
+        eps=eps,
+        method=method,  # type: ignore[arg-type]
+    )
+
+
+def _legacy(out: TailOutput) -> GradTailOutput:
+    return GradTailOutput(out.weights, out.alignment, out.sq_norms, out.state.ema)
 
 
 def score_and_update(
@@ -137,69 +439,47 @@ def score_and_update(
     reduce_mean: Callable[[Any], Any] | None = None,
     score: Score | None = None,
 ) -> GradTailOutput:
-    """A whole GradTail step from materialised per-example gradients.
+    """A GradTail step on an `EMAState` with flat options (the 0.1 form of `tail_step`).
 
-    Scores the batch against the reference of previous batches, maps the alignments to
-    weights, then folds this batch's (unweighted) reference gradient into the EMA, so a
-    batch never scores against itself (Chen et al., 2022, arXiv:2201.05938; the
-    formulation is ours, see docs/method.md).
+    Prefer `tail_step` with a `GradTailConfig` (it adds the memory and decay schedules);
+    this form stays for 0.1 code and gives the same results.
 
     Parameters
     ----------
     state : EMAState
-        From ``ema_init(template)`` with ``template`` structured like ``mean_grad`` of
-        `alignment` (an array or list/tuple of arrays shaped like one example's gradient).
+        From ``ema_init(template)``.
     per_sample_grads : array of shape (B, *S), or list/tuple of such arrays
-        Per-example gradients of the scored parameters.
     decay : float or array of shape (), optional
-        EMA decay in [0, 1]. Defaults to 0.999 (``defaults.DEFAULT_DECAY``).
+        EMA decay in [0, 1]. Defaults to 0.999 (``DEFAULT_DECAY``).
     reference : {"direction", "mean"}, optional
-        What the EMA averages: the plain batch-mean gradient, or the batch mean of the
-        unit-normalised per-example gradients (counts examples, not gradient mass).
-        Defaults to "direction" (``defaults.DEFAULT_REFERENCE``).
+        Defaults to "direction".
     curve : WeightCurve, optional
-        The weighting curve. Defaults to ``defaults.DEFAULT_CURVE`` (batch rank, lowest
-        30% weighted 3x, normalised to mean 1).
+        Defaults to ``DEFAULT_CURVE``.
     warmup_steps : int, optional
-        Steps (reference updates) during which the weights are 1. The first call always
-        gives ones, as no reference exists yet. Defaults to 0.
+        Defaults to 0.
     eps : float, optional
-        Norms at or below ``eps`` count as zero. Defaults to 0.0.
+        Defaults to 0.0.
     reduce_mean : callable, optional
-        Applied to this batch's reference gradient before the EMA update, e.g. a
-        cross-device mean (``jax.lax.pmean``) so all replicas keep one state.
+        Cross-replica mean of the batch reference (`Collectives.mean`).
     score : callable, optional
-        ``score(dots, sq_norms, ref_sq_norm) -> (B,)`` replacing the cosine (e.g. a
-        magnitude-aware score); lower means more tail-like, as the curves expect. It gets
-        ``<g_i, G>``, ``||g_i||^2`` and ``||G||^2``. Defaults to the cosine.
+        Replaces the cosine (see `tail_step`).
 
     Returns
     -------
     GradTailOutput
-        ``weights``, ``alignment`` and ``sq_norms`` of shape (B,), and the new state.
 
     Examples
     --------
     >>> import numpy as np
     >>> from gradtail_ops import ema_init
-    >>> state = ema_init(np.zeros(2))
-    >>> curve = WeightCurve(max_weight=2.0)
-    >>> g = np.array([[1.0, 0.0], [1.0, 0.1]])
-    >>> out = score_and_update(state, g, decay=0.9, reference="mean", curve=curve)
-    >>> out.weights  # no reference yet
-    array([1., 1.])
-    >>> out = score_and_update(out.state, np.array([[1.0, 0.0], [-1.0, 0.0]]), decay=0.9,
-    ...                        reference="mean", curve=curve)
-    >>> out.weights.round(3)
-    array([1., 2.])
+    >>> out = score_and_update(ema_init(np.zeros(2)), np.array([[1.0, 0.0], [0.0, 1.0]]), decay=0.9)
+    >>> out.weights, int(out.state.count)
+    (array([1., 1.]), 1)
     """
-    validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
-    dots, sq, ref_sq = dense_dots_and_sq_norms(per_sample_grads, ema_mean(state))
-    xp = namespace(dots)
-    coef = inverse_norms(sq) if reference == "direction" else None
-    batch_reference = weighted_batch_mean(per_sample_grads, coef)
-    scored = (dots, sq, ref_sq, batch_reference)
-    return _finish(xp, state, scored, decay, curve, warmup_steps, eps, reduce_mean, score)
+    config = _legacy_config(decay, reference, curve, warmup_steps, eps, "auto")
+    tail = TailState(ema=state, memory=None, steps=state.count)
+    collectives = None if reduce_mean is None else Collectives(mean=reduce_mean)
+    return _legacy(tail_step(tail, per_sample_grads, config=config, collectives=collectives, score=score))
 
 
 def linear_score_and_update(
@@ -216,23 +496,17 @@ def linear_score_and_update(
     method: Method = "auto",
     score: Score | None = None,
 ) -> GradTailOutput:
-    """A whole GradTail step for linear layers, in factored form, scored jointly.
-
-    Same semantics as `score_and_update`, but from each layer's inputs and per-example
-    output gradients: no per-example gradient and no (B, d_out, d_in) array is built.
+    """The factored GradTail step on an `EMAState` with flat options (0.1 form of `linear_tail_step`).
 
     Parameters
     ----------
     state : EMAState
-        From ``ema_init([(W1, b1), (W2,), ...])``: one tuple per layer, holding arrays shaped
-        like the weight (d_out, d_in) and, for a layer with bias, the bias (d_out,).
+        From ``ema_init([(W1, b1), (W2,), ...])``.
     layers : sequence of (inputs, output_grads)
-        Per layer, inputs (B, d_in) or (B, T, d_in) and each example's loss gradient with
-        respect to the layer output, (B, d_out) or (B, T, d_out).
     decay, reference, curve, warmup_steps, eps, reduce_mean, score
         As in `score_and_update`.
     method : {"auto", "ghost", "materialize"}, optional
-        How sequence norms are computed (see `linear_sq_norms`). Defaults to "auto".
+        Defaults to "auto".
 
     Returns
     -------
@@ -242,27 +516,16 @@ def linear_score_and_update(
     --------
     >>> import numpy as np
     >>> from gradtail_ops import ema_init
-    >>> W, b = np.zeros((1, 2)), np.zeros(1)
-    >>> state = ema_init([(W, b)])
+    >>> state = ema_init([(np.zeros((1, 2)), np.zeros(1))])
     >>> layer = (np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0], [-1.0]]))
-    >>> out = linear_score_and_update(state, [layer], decay=0.9, reference="direction",
-    ...                               curve=WeightCurve())
+    >>> out = linear_score_and_update(state, [layer], decay=0.9)
     >>> out.weights, int(out.state.count)
     (array([1., 1.]), 1)
     """
-    validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
-    means = ema_mean(state)
-    dots, sq, ref_sq = multi_linear_dots_and_sq_norms(layers, means, method=method)
-    xp = namespace(dots)
-    coef = inverse_norms(sq) if reference == "direction" else None
-    batch_reference = type(means)(
-        tuple(
-            linear_mean_grad(a, d, bias=len(mean) == 2, example_weights=coef)[: len(mean)]
-            for (a, d), mean in zip(layers, means, strict=True)
-        )
-    )
-    scored = (dots, sq, ref_sq, batch_reference)
-    return _finish(xp, state, scored, decay, curve, warmup_steps, eps, reduce_mean, score)
+    config = _legacy_config(decay, reference, curve, warmup_steps, eps, method)
+    tail = TailState(ema=state, memory=None, steps=state.count)
+    collectives = None if reduce_mean is None else Collectives(mean=reduce_mean)
+    return _legacy(linear_tail_step(tail, layers, config=config, collectives=collectives, score=score))
 
 
 def weighted_batch_mean(per_sample_grads: Any, example_weights: Array | None = None, /) -> Any:
