@@ -127,7 +127,8 @@ def test_empty_batch_changes_nothing(backend, memory):
     layer_state = gt.tail_init([(backend.asarray(np.zeros((2, 3))),)], config=config)
     empty = (backend.asarray(np.zeros((0, 3))), backend.asarray(np.zeros((0, 2))))
     out = gt.linear_tail_step(layer_state, [empty], config=config, index=index)
-    assert out.state is layer_state and tuple(out.weights.shape) == (0,)
+    assert out.state is layer_state
+    assert tuple(out.weights.shape) == (0,)
 
 
 def test_linear_tail_step_matches_materialised(backend):
