@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from gradtail_ops import (
-    DEFAULT_CURVE,
-    DEFAULT_DECAY,
-    DEFAULT_REFERENCE,
-    DEFAULT_WARMUP_STEPS,
+    Collectives,
     EMAState,
+    GradTailConfig,
     MemoryState,
+    TailState,
     WeightCurve,
-    ema_init,
+    coerce_config,
     linear_mean_grad,
-    linear_score_and_update,
-    memory_init,
-    memory_update,
-    memory_weights,
-    validate_memory_options,
-    validate_step_options,
+    linear_tail_step,
+    state_from_dict,
+    state_to_dict,
+    tail_init,
 )
-from gradtail_ops.curves import Curve
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from gradtail_ops import GradTailOptions
 
 from ._distributed import distributed_mean
 from ._graph import inspect_graph
@@ -73,6 +74,13 @@ def _collect_linears(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.
     return linears, None
 
 
+def _option(name: str) -> Any:
+    def read(self: GradTail) -> Any:
+        return self.config.to_options()[name]
+
+    return property(read, doc=f"The ``{name}`` option (read-only; ``config`` holds them all).")
+
+
 class GradTail:
     """GradTail sample weighting for PyTorch: hooks on ``nn.Linear`` layers.
 
@@ -88,42 +96,36 @@ class GradTail:
     modules : nn.Linear, sequence of nn.Linear, or nn.Module
         The layers to score, jointly (one cosine over all of them). A module that is not an
         ``nn.Linear`` means all of its ``nn.Linear`` submodules.
-    decay : float, optional
-        EMA decay of the reference. Defaults to ``gradtail_ops.DEFAULT_DECAY`` (0.999).
-    reference : {"direction", "mean"}, optional
-        EMA of the batch mean of unit-normalised per-example gradients, or of the plain
-        batch-mean gradient. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
-    warmup_steps : int, optional
-        Steps with weight 1 while the reference builds up (the first step always is).
-        Defaults to 0.
-    kind, max_weight, threshold, temperature, quantile, floor, normalize
-        The weighting curve (see `gradtail_ops.weight_curve`). Defaults to
-        ``gradtail_ops.DEFAULT_CURVE``: ``kind="rank"``, ``quantile=0.3``,
-        ``max_weight=3.0``, ``normalize=True``.
-    eps : float, optional
-        Gradient norms at or below ``eps`` count as zero. Defaults to 0.0.
-    method : {"auto", "ghost", "materialize"}, optional
-        Norm computation for sequence inputs (see `gradtail_ops.linear_sq_norms`).
-        Defaults to "auto".
+    config : gradtail_ops.GradTailConfig, optional
+        The whole policy. Defaults to the one built from ``**options``.
     sync_distributed : bool, optional
         When ``torch.distributed`` is initialised, average the batch reference over ranks
         before the EMA update so every rank holds the same state. Defaults to True.
-    memory_size : int, optional
-        Turn on the persistent per-example memory for a training set of this many examples
-        (`gradtail_ops.memory_update`): each example keeps an EMA, over its visits, of its
-        batch-standardised alignment, and the loss weights come from that running score,
-        ``clip(exp(-memory_eta * m_i), 1/memory_max_weight, memory_max_weight)`` normalised
-        to batch mean 1, instead of the per-batch curve. Every `weights`/`backward` call
-        then needs ``index=``, each example's row in ``[0, memory_size)`` (e.g. its position
-        in the data set). Costs 8 bytes per example on the tracked layers' device. Off
-        (None) by default: it needs the indices and helps some data sets and not others
-        (docs/tail_mining.md). Not synchronised across ``torch.distributed`` ranks.
-    memory_decay : float, optional
-        Per-visit decay of the running score, in [0, 1). Defaults to 0.5.
-    memory_eta : float, optional
-        Log-weight per standard deviation of running score, >= 0. Defaults to 1.0.
-    memory_max_weight : float, optional
-        Cap of the memory weights (before normalisation), >= 1. Defaults to 3.0.
+    **options
+        The flat GradTail options, validated once by `gradtail_ops.GradTailConfig.from_options`
+        (its docs list each with its default): ``decay`` (float or schedule ``steps -> decay``;
+        0.999), ``reference`` ("direction"), ``warmup_steps`` (0), the curve's ``kind``
+        ("rank"), ``max_weight`` (3.0), ``threshold``, ``temperature``, ``quantile`` (0.3),
+        ``floor``, ``normalize`` (True), ``eps`` (0.0), ``method`` ("auto"), and the
+        per-example memory's ``memory_size`` (None: off), ``memory_decay`` (0.5),
+        ``memory_eta`` (1.0), ``memory_max_weight`` (3.0).
+
+        With ``memory_size=N`` each example keeps an EMA, over its visits, of its
+        batch-standardised alignment, and the loss weights come from that running score
+        (``clip(exp(-memory_eta * m_i), 1/memory_max_weight, memory_max_weight)``, normalised
+        to batch mean 1) instead of the per-batch curve; every `weights`/`backward` call then
+        needs ``index=``, each example's row in ``[0, N)``. It costs 8 bytes per example on
+        the tracked layers' device and is not synchronised across ``torch.distributed`` ranks
+        (docs/tail_mining.md).
+
+    Attributes
+    ----------
+    config : gradtail_ops.GradTailConfig
+        The policy (frozen; `load_state_dict` may replace it with the saved decay).
+    state : gradtail_ops.EMAState
+        The reference (read-only view of the full state's ``ema``).
+    memory : gradtail_ops.MemoryState or None
+        The per-example memory, when on.
 
     Examples
     --------
@@ -141,54 +143,14 @@ class GradTail:
         self,
         modules: nn.Module | Iterable[nn.Module],
         *,
-        decay: float = DEFAULT_DECAY,
-        reference: Literal["mean", "direction"] = DEFAULT_REFERENCE,
-        warmup_steps: int = DEFAULT_WARMUP_STEPS,
-        kind: Curve = DEFAULT_CURVE.kind,
-        max_weight: float = DEFAULT_CURVE.max_weight,
-        threshold: float = DEFAULT_CURVE.threshold,
-        temperature: float = DEFAULT_CURVE.temperature,
-        quantile: float = DEFAULT_CURVE.quantile,
-        floor: float = DEFAULT_CURVE.floor,
-        normalize: bool = DEFAULT_CURVE.normalize,
-        eps: float = 0.0,
-        method: Literal["auto", "ghost", "materialize"] = "auto",
+        config: GradTailConfig | None = None,
         sync_distributed: bool = True,
-        memory_size: int | None = None,
-        memory_decay: float = 0.5,
-        memory_eta: float = 1.0,
-        memory_max_weight: float = 3.0,
+        **options: Unpack[GradTailOptions],
     ) -> None:
-        validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
-        validate_memory_options(
-            memory_size=memory_size,
-            memory_decay=memory_decay,
-            memory_eta=memory_eta,
-            memory_max_weight=memory_max_weight,
-        )
+        self.config = coerce_config(config, options)
         self.layers, self._root = _collect_linears(modules)
-        self.decay = float(decay)
-        self.reference = reference
-        self.warmup_steps = warmup_steps
-        self.curve = WeightCurve(  # validates the options now, not at the first step
-            kind=kind,
-            max_weight=max_weight,
-            threshold=threshold,
-            temperature=temperature,
-            quantile=quantile,
-            floor=floor,
-            normalize=normalize,
-        )
-        self.eps = eps
-        self.method = method
         self.sync_distributed = sync_distributed
-        self.state: EMAState = ema_init([self._template(m) for m in self.layers])
-        self.memory_decay = float(memory_decay)
-        self.memory_eta = float(memory_eta)
-        self.memory_max_weight = float(memory_max_weight)
-        self.memory: MemoryState | None = (
-            None if memory_size is None else memory_init(memory_size, like=self.layers[0].weight.detach())
-        )
+        self._state: TailState = tail_init([self._template(m) for m in self.layers], config=self.config)
         self.last_alignment: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self._records = [_Record() for _ in self.layers]
@@ -201,6 +163,33 @@ class GradTail:
         self._eager = _EagerLayers(self.layers)
         self._batchnorm_checked = False
         self.last_backward: Literal["book-keeping", "weighted backward"] | None = None
+
+    # ------------------------------------------------------------------------- the policy
+    @property
+    def state(self) -> EMAState:
+        """The reference gradient's state (``config`` and `state_dict` hold the rest)."""
+        return self._state.ema
+
+    @property
+    def memory(self) -> MemoryState | None:
+        """The per-example memory (scores and visits), or None when it is off."""
+        return self._state.memory
+
+    # 0.1's option attributes, read-only views of the config.
+    decay = _option("decay")
+    reference = _option("reference")
+    warmup_steps = _option("warmup_steps")
+    eps = _option("eps")
+    method = _option("method")
+    memory_decay = _option("memory_decay")
+    memory_eta = _option("memory_eta")
+    memory_max_weight = _option("memory_max_weight")
+
+    @property
+    def curve(self) -> WeightCurve:
+        """The weighting curve."""
+        curve: WeightCurve = self.config.curve
+        return curve
 
     # ----------------------------------------------------------------------------- hooks
     @staticmethod
@@ -311,43 +300,22 @@ class GradTail:
                 stacklevel=3,
             )
 
-    def _check_index(self, index: Any, batch: int) -> torch.Tensor | None:
-        if self.memory is None:
-            if index is not None:
-                raise ValueError(
-                    "`index` was given but this GradTail has no per-example memory: construct it with "
-                    "memory_size=<number of training examples> to use it; Received: index of type "
-                    f"{type(index).__name__}."
-                )
-            return None
-        if index is None:
-            raise ValueError(
-                f"This GradTail keeps a per-example memory (memory_size={self.memory.score.shape[0]}): "
-                "pass index=, each example's row in [0, memory_size), to weights()/backward(); "
-                "Received: index=None."
-            )
+    def _rows(self, index: Any) -> torch.Tensor | None:
+        """``index`` as an int64 tensor on the memory's device (the core checks the rest)."""
+        if index is None or self.memory is None:
+            given: torch.Tensor | None = index
+            return given  # the core says which of the two is missing
         if not isinstance(index, torch.Tensor):
             index = torch.as_tensor(index)
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise TypeError(
-                f"`index` must be an integer tensor of shape ({batch},); Received: dtype={index.dtype} "
+                f"`index` must be an integer tensor of shape (B,); Received: dtype={index.dtype} "
                 f"with shape {tuple(index.shape)}."
-            )
-        if tuple(index.shape) != (batch,):
-            raise ValueError(
-                f"`index` must have shape ({batch},), one row per example of the loss; "
-                f"Received: shape {tuple(index.shape)}."
             )
         if _distributed_active():
             raise RuntimeError(
                 "The per-example memory is not synchronised across torch.distributed ranks: use it in "
                 "single-process training (memory_size=None turns it off)."
-            )
-        size = int(self.memory.score.shape[0])
-        if batch and (int(index.min()) < 0 or int(index.max()) >= size):
-            raise IndexError(
-                f"`index` entries must lie in [0, {size}) (memory_size); Received: entries from "
-                f"{int(index.min())} to {int(index.max())}."
             )
         rows: torch.Tensor = index.to(device=self.memory.score.device, dtype=torch.int64)
         return rows
@@ -355,7 +323,7 @@ class GradTail:
     def _step(
         self, per_example_loss: torch.Tensor, *, retain_graph: bool, index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        # Callers have run _check_loss and _check_index (backward() needs them before walking the graph).
+        # Callers have run _check_loss and _rows (backward() needs them before walking the graph).
         if not self._batchnorm_checked:
             self._check_mixing(per_example_loss)
             self._batchnorm_checked = True
@@ -364,47 +332,23 @@ class GradTail:
             output_grads = self._output_grads(per_example_loss, retain_graph=retain_graph)
         finally:
             self.discard()  # this forward is consumed, even when its gradients could not be taken
-        reduce = distributed_mean if self.sync_distributed and _distributed_active() else None
+        collectives = (
+            Collectives(mean=distributed_mean) if self.sync_distributed and _distributed_active() else None
+        )
         layers = list(zip(inputs, output_grads, strict=True))
-        steps_before = int(self.state.count) if index is not None else 0
         with torch.no_grad():
-            out = linear_score_and_update(
-                self.state,
+            out = linear_tail_step(
+                self._state,
                 layers,
-                decay=self.decay,
-                reference=self.reference,
-                curve=self.curve,
-                warmup_steps=self.warmup_steps,
-                eps=self.eps,
-                reduce_mean=reduce,
-                method=self.method,
+                config=self.config,
+                index=index,
+                collectives=collectives,
+                copy_memory=False,
             )
-        self.state = out.state
+        self._state = out.state
         self.last_alignment = out.alignment.detach()
-        weights = out.weights
-        if index is not None and self.memory is not None:
-            weights = self._memory_step(index, out.alignment, steps_before)
-        self.last_weights = weights.detach()
-        return weights.to(per_example_loss.dtype), layers  # type: ignore[return-value]
-
-    def _memory_step(self, index: torch.Tensor, alignment: torch.Tensor, steps_before: int) -> torch.Tensor:
-        """Fold the alignments into the memory; the memory's weights once weighting is on."""
-        assert self.memory is not None
-        with torch.no_grad():
-            if steps_before >= 1:  # before the first update there is no reference: all cosines are 0
-                self.memory = memory_update(
-                    self.memory,
-                    index,
-                    alignment.to(self.memory.score.dtype),
-                    decay=self.memory_decay,
-                    copy=False,
-                )
-            if steps_before < max(1, self.warmup_steps):
-                return torch.ones_like(alignment)
-            weights: torch.Tensor = memory_weights(
-                self.memory, index, eta=self.memory_eta, max_weight=self.memory_max_weight, normalize=True
-            )
-            return weights
+        self.last_weights = out.weights.detach()
+        return out.weights.to(per_example_loss.dtype), layers  # type: ignore[return-value]
 
     def weights(self, per_example_loss: torch.Tensor, *, index: Any = None) -> torch.Tensor:
         """Score this batch, update the reference, and return the loss weights.
@@ -434,8 +378,7 @@ class GradTail:
         torch.Size([5])
         """
         self._check_loss(per_example_loss)
-        rows = self._check_index(index, per_example_loss.shape[0])
-        return self._step(per_example_loss, retain_graph=True, index=rows)[0]
+        return self._step(per_example_loss, retain_graph=True, index=self._rows(index))[0]
 
     def backward(self, per_example_loss: torch.Tensor, *, index: Any = None) -> torch.Tensor:
         """Do the whole step: weights, then the weighted backward, in one go.
@@ -467,7 +410,7 @@ class GradTail:
         torch.Size([4, 3])
         """
         self._check_loss(per_example_loss)
-        rows = self._check_index(index, per_example_loss.shape[0])
+        rows = self._rows(index)
         tracked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
         tracked = {r.output.grad_fn for r in self._records if r.output is not None}
         facts = inspect_graph(per_example_loss, tracked)
@@ -521,32 +464,27 @@ class GradTail:
         return self.memory.score.detach().clone(), self.memory.visits.detach().clone()
 
     def state_dict(self) -> dict[str, Any]:
-        """The reference state and the options that shape it, as tensors and numbers.
+        """The state in the library's interchange format (`gradtail_ops.state_to_dict`).
 
-        With the per-example memory on, ``memory_score`` and ``memory_visits`` (shape
-        (memory_size,)) and ``memory_decay`` are included.
+        Tensors on the tracked layers' devices: ``mean`` (one list per layer), ``total``,
+        ``count``, ``steps``, and the options that shaped them (``decay``, ``reference``);
+        with the per-example memory, ``memory_score``, ``memory_visits`` (shape
+        (memory_size,)) and ``memory_decay``.
 
         Examples
         --------
         >>> import torch
         >>> sorted(GradTail(torch.nn.Linear(3, 2)).state_dict())
-        ['count', 'decay', 'mean', 'reference', 'total']
+        ['count', 'decay', 'mean', 'reference', 'steps', 'total']
         """
-        out: dict[str, Any] = {
-            "mean": [[t.clone() for t in layer] for layer in self.state.mean],
-            "total": self.state.total.clone(),
-            "count": self.state.count.clone(),
-            "decay": self.decay,
-            "reference": self.reference,
-        }
-        if self.memory is not None:
-            out["memory_score"] = self.memory.score.clone()
-            out["memory_visits"] = self.memory.visits.clone()
-            out["memory_decay"] = self.memory_decay
-        return out
+        return state_to_dict(self._state, config=self.config)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state saved by `state_dict`, on the tracked layers' devices.
+        """Restore a state saved by `state_dict` (or by another adapter, same layers).
+
+        Everything is validated first (`gradtail_ops.state_from_dict`: keys, shapes, dtypes,
+        finiteness, ``0 <= total <= 1``, ``count >= 0``, the memory's presence); a refused
+        state leaves this one untouched. The saved decay replaces the configured one.
 
         Examples
         --------
@@ -554,72 +492,7 @@ class GradTail:
         >>> gt = GradTail(torch.nn.Linear(3, 2))
         >>> gt.load_state_dict(gt.state_dict())
         """
-        mean = state_dict["mean"]
-        current = self.state.mean
-        shapes = [[tuple(t.shape) for t in layer] for layer in current]
-        received = [[tuple(t.shape) for t in layer] for layer in mean]
-        if shapes != received:
-            raise ValueError(
-                f"State shapes do not match the tracked layers: expected {shapes}; Received: {received}."
-            )
-        if state_dict.get("reference", self.reference) != self.reference:
-            raise ValueError(
-                f"The state was built with reference={state_dict['reference']!r} but this GradTail uses "
-                f"reference={self.reference!r}."
-            )
-        # Validate everything before assigning anything: a rejected state leaves this one intact.
-        decay = float(state_dict.get("decay", self.decay))
-        validate_step_options(decay=decay, reference=self.reference, warmup_steps=self.warmup_steps)
-        memory_decay = float(state_dict.get("memory_decay", self.memory_decay))
-        validate_memory_options(
-            memory_decay=memory_decay, memory_eta=self.memory_eta, memory_max_weight=self.memory_max_weight
-        )
-        arrays = {"total": state_dict["total"], **{f"mean[{k}]": t for k, t in enumerate(_flat(mean))}}
-        memory = self._loaded_memory(state_dict)
-        if memory is not None:
-            arrays["memory_score"] = memory.score
-        bad = [name for name, t in arrays.items() if not bool(torch.isfinite(torch.as_tensor(t)).all())]
-        if bad:
-            raise ValueError(f"The state holds non-finite values; Received: non-finite entries in {bad}.")
-        self.state = EMAState(
-            mean=[
-                tuple(t.to(device=c.device, dtype=c.dtype) for t, c in zip(layer, cur, strict=True))
-                for layer, cur in zip(mean, current, strict=True)
-            ],
-            total=state_dict["total"].to(device=self.state.total.device, dtype=self.state.total.dtype),
-            count=state_dict["count"].to(device=self.state.count.device, dtype=self.state.count.dtype),
-        )
-        self.decay = decay
-        if memory is not None:
-            self.memory = memory
-            self.memory_decay = memory_decay
-
-    def _loaded_memory(self, state_dict: dict[str, Any]) -> MemoryState | None:
-        has = "memory_score" in state_dict
-        if self.memory is None:
-            if has:
-                raise ValueError(
-                    "The state holds a per-example memory but this GradTail has none: construct it with "
-                    f"memory_size={len(state_dict['memory_score'])}."
-                )
-            return None
-        if not has or "memory_visits" not in state_dict:
-            raise ValueError(
-                f"This GradTail keeps a per-example memory (memory_size={self.memory.score.shape[0]}) but "
-                f"the state has none; Received: keys {sorted(state_dict)}."
-            )
-        score, visits = state_dict["memory_score"], state_dict["memory_visits"]
-        expected = tuple(self.memory.score.shape)
-        if tuple(score.shape) != expected or tuple(visits.shape) != expected:
-            raise ValueError(
-                f"`memory_score` and `memory_visits` must have shape {expected} (memory_size); Received: "
-                f"shapes {tuple(score.shape)} and {tuple(visits.shape)}."
-            )
-        ref = self.memory
-        return MemoryState(
-            score=score.to(device=ref.score.device, dtype=ref.score.dtype).clone(),
-            visits=visits.to(device=ref.visits.device, dtype=ref.visits.dtype).clone(),
-        )
+        self._state, self.config = state_from_dict(state_dict, like=self._state, config=self.config)
 
 
 class _EagerLayers:
