@@ -17,6 +17,7 @@ from .config import (
     MemoryConfig,
     Method,
     Reference,
+    SketchConfig,
     coerce_config,
 )
 from .curves import CURVES, WeightCurve, weight_curve
@@ -41,6 +42,7 @@ from .linear import (
     multi_linear_dots_and_sq_norms,
 )
 from .memory import MemoryState, memory_init, memory_update, memory_weights, validate_memory_options
+from .sketch import SketchFactors
 from .state import STATE_KEYS, TailState, state_from_dict, state_to_dict, tail_init
 from .step import (
     REFERENCES,
@@ -85,6 +87,8 @@ __all__ = [
     "REFERENCES",
     "Reference",
     "STATE_KEYS",
+    "SketchConfig",
+    "SketchFactors",
     "TailOutput",
     "TailState",
     "WeightCurve",

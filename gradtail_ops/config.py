@@ -37,6 +37,7 @@ __all__ = [
     "GradTailConfig",
     "GradTailOptions",
     "MemoryConfig",
+    "SketchConfig",
     "Method",
     "Reference",
 ]
@@ -73,6 +74,9 @@ class GradTailOptions(TypedDict, total=False):
     memory_decay: float
     memory_eta: float
     memory_max_weight: float
+    sketch_rank: int | None
+    sketch_size: int | None
+    sketch_seed: int
 
 
 #: The names of the flat options, in documentation order.
@@ -117,6 +121,37 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class SketchConfig:
+    """Options of the sketched reference for large linear layers (`gradtail_ops.sketch`).
+
+    Parameters
+    ----------
+    rank : int
+        k, the rank of the reconstructed reference (columns of ``Y = G Ω``), >= 1.
+    size : int, optional
+        l, rows of ``W = Ψ G``, >= k. Defaults to ``2 k + 1`` (Tropp et al., 2017).
+    seed : int, optional
+        Seed of the random test matrices (with the layer's shape). Defaults to 0.
+
+    Examples
+    --------
+    >>> SketchConfig(16)
+    SketchConfig(rank=16, size=33, seed=0)
+    """
+
+    rank: int
+    size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        rank = check_int("sketch_rank", self.rank, low=1)
+        _set(self, "rank", rank)
+        size = 2 * rank + 1 if self.size is None else check_int("sketch_size", self.size, low=rank)
+        _set(self, "size", size)
+        _set(self, "seed", check_int("sketch_seed", self.seed, low=0))
+
+
+@dataclass(frozen=True)
 class GradTailConfig:
     """Every option of a GradTail step, validated on construction (frozen and hashable).
 
@@ -147,6 +182,9 @@ class GradTailConfig:
         Turns on the persistent per-example memory: the weights then come from each
         example's running score, and every step needs the examples' indices. Defaults to
         None (off).
+    sketch : SketchConfig, optional
+        Hold the reference of large linear layers as a rank-k sketch (factored steps only;
+        layers whose sketch would not be 4x smaller stay exact). Defaults to None (exact).
 
     Raises
     ------
@@ -172,6 +210,7 @@ class GradTailConfig:
     eps: float = DEFAULT_EPS
     method: Method = DEFAULT_METHOD
     memory: MemoryConfig | None = None
+    sketch: SketchConfig | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.decay):
@@ -190,6 +229,10 @@ class GradTailConfig:
             raise TypeError(
                 f"`memory` must be a MemoryConfig or None; Received: {type(self.memory).__name__}."
             )
+        if self.sketch is not None and not isinstance(self.sketch, SketchConfig):
+            raise TypeError(
+                f"`sketch` must be a SketchConfig or None; Received: {type(self.sketch).__name__}."
+            )
 
     @classmethod
     def from_options(cls, **options: Any) -> GradTailConfig:
@@ -200,9 +243,10 @@ class GradTailConfig:
         **options
             Any of ``decay``, ``reference``, ``warmup_steps``, ``eps``, ``method``; the
             curve's ``kind``, ``max_weight``, ``threshold``, ``temperature``, ``quantile``,
-            ``floor``, ``normalize`` (unset ones take ``DEFAULT_CURVE``'s values); and the
+            ``floor``, ``normalize`` (unset ones take ``DEFAULT_CURVE``'s values); the
             memory's ``memory_size`` (None: off), ``memory_decay``, ``memory_eta``,
-            ``memory_max_weight``.
+            ``memory_max_weight``; and the sketch's ``sketch_rank`` (None: exact),
+            ``sketch_size``, ``sketch_seed``.
 
         Returns
         -------
@@ -236,6 +280,14 @@ class GradTailConfig:
             memory = None
         else:
             memory = MemoryConfig(size, **memory_options)
+        rank = options.get("sketch_rank")
+        size, seed = options.get("sketch_size"), options.get("sketch_seed", 0)
+        if rank is None and (size is not None or seed != 0):
+            raise ValueError(
+                "`sketch_size` and `sketch_seed` need `sketch_rank` (the sketch is off without it); "
+                f"Received: sketch_rank=None, sketch_size={size!r}, sketch_seed={seed!r}."
+            )
+        sketch = None if rank is None else SketchConfig(rank, size=size, seed=seed)
         return cls(
             decay=options.get("decay", DEFAULT_DECAY),
             reference=options.get("reference", DEFAULT_REFERENCE),
@@ -244,6 +296,7 @@ class GradTailConfig:
             eps=options.get("eps", DEFAULT_EPS),
             method=options.get("method", DEFAULT_METHOD),
             memory=memory,
+            sketch=sketch,
         )
 
     def to_options(self) -> dict[str, Any]:
@@ -267,6 +320,9 @@ class GradTailConfig:
             "memory_decay": memory.decay,
             "memory_eta": memory.eta,
             "memory_max_weight": memory.max_weight,
+            "sketch_rank": None if self.sketch is None else self.sketch.rank,
+            "sketch_size": None if self.sketch is None else self.sketch.size,
+            "sketch_seed": 0 if self.sketch is None else self.sketch.seed,
         }
 
     def decay_at(self, steps: Any, /) -> Any:

@@ -17,6 +17,7 @@ from ._tree import is_sequence, leaves, map_leaves, structure_repr
 from .config import GradTailConfig
 from .ema import EMAState, ema_init
 from .memory import MemoryState, memory_init
+from .sketch import SketchFactors, sketch_factors, use_sketch
 from .validation import check_real
 
 __all__ = ["STATE_KEYS", "TailState", "state_from_dict", "state_to_dict", "tail_init"]
@@ -34,6 +35,7 @@ STATE_KEYS: tuple[str, ...] = (
     "memory_score",
     "memory_visits",
     "memory_decay",
+    "sketch",
 )
 _INT32_MAX = 2**31 - 1
 
@@ -51,11 +53,17 @@ class TailState(NamedTuple):
     steps : array, shape (), int32
         Steps taken on non-empty batches, including those whose reference update was
         skipped for non-finite input: the argument of a decay schedule.
+    sketch : tuple of (SketchFactors or None), or None
+        With ``config.sketch``, one entry per layer of a factored state: the test matrices
+        of a sketched layer (whose ``ema.mean`` entry then holds the sketches
+        ``(Y (d_out, k), W (l, d_in)[, bias])`` instead of the weight's reference), None for
+        an exact one. None without a sketch.
     """
 
     ema: EMAState
     memory: MemoryState | None
     steps: Array
+    sketch: tuple[SketchFactors | None, ...] | None = None
 
 
 def tail_init(template: Any, /, *, config: GradTailConfig) -> TailState:
@@ -83,12 +91,52 @@ def tail_init(template: Any, /, *, config: GradTailConfig) -> TailState:
     ((5,), 0)
     """
     _check_config(config)
+    factors = _sketch_plan(template, config)
+    if factors is not None:
+        template = [
+            layer if f is None else (*_sketch_shapes(layer[0], f), *layer[1:])
+            for layer, f in zip(template, factors, strict=True)
+        ]
     ema = ema_init(template)
     first = leaves(ema.mean)[0]
     memory = None if config.memory is None else memory_init(config.memory.size, like=first)
     xp = namespace(first)
     steps = xp.zeros((), dtype=xp.int32, device=array_device(first))
-    return TailState(ema=ema, memory=memory, steps=steps)
+    return TailState(ema=ema, memory=memory, steps=steps, sketch=factors)
+
+
+def _sketch_shapes(weight: Array, factors: SketchFactors) -> tuple[Array, Array]:
+    """Zero sketches ``Y`` (d_out, k) and ``W`` (l, d_in), templates for the EMA."""
+    xp = namespace(factors.omega)
+    (d_out, d_in), k, size = weight.shape, factors.omega.shape[1], factors.psi.shape[0]
+    dev = array_device(factors.omega)
+    return (
+        xp.zeros((d_out, k), dtype=factors.omega.dtype, device=dev),
+        xp.zeros((size, d_in), dtype=factors.omega.dtype, device=dev),
+    )
+
+
+def _sketch_plan(template: Any, config: GradTailConfig) -> tuple[SketchFactors | None, ...] | None:
+    """Per layer, the test matrices where the config's sketch pays, for a layer template.
+
+    A template is a layer template when it is a list/tuple of tuples whose first array is a
+    2-D weight (the factored steps' layout); anything else is never sketched.
+    """
+    sketch = config.sketch
+    if sketch is None or not is_sequence(template):
+        return None
+    if not all(is_sequence(layer) and layer and getattr(layer[0], "ndim", 0) == 2 for layer in template):
+        return None
+    assert sketch.size is not None
+    plan: list[SketchFactors | None] = []
+    for layer in template:
+        d_out, d_in = (int(n) for n in layer[0].shape)
+        if use_sketch(d_out, d_in, sketch.rank, sketch.size):
+            like = ema_init(layer[0]).mean  # the state's dtype (at least float32) and device
+            plan.append(sketch_factors(d_out, d_in, sketch.rank, sketch.size, seed=sketch.seed, like=like))
+        else:
+            plan.append(None)
+    return tuple(plan) if any(f is not None for f in plan) else None
 
 
 def next_steps(xp: Any, steps: Array) -> Array:
@@ -115,7 +163,9 @@ def state_to_dict(state: TailState, /, *, config: GradTailConfig) -> dict[str, A
     dict
         ``mean`` (nested lists of arrays, the template's nesting), ``total`` (shape ()),
         ``count`` and ``steps`` (shape (), int32), ``decay``, ``reference``; with a memory,
-        ``memory_score``, ``memory_visits`` (shape (N,)) and ``memory_decay``.
+        ``memory_score``, ``memory_visits`` (shape (N,)) and ``memory_decay``; with sketched
+        layers, ``sketch``: per layer None or ``[omega, psi]`` (their ``mean`` entry holds
+        the sketches).
 
     Examples
     --------
@@ -143,6 +193,8 @@ def state_to_dict(state: TailState, /, *, config: GradTailConfig) -> dict[str, A
         out["memory_score"] = copy(state.memory.score)
         out["memory_visits"] = copy(state.memory.visits)
         out["memory_decay"] = None if config.memory is None else config.memory.decay
+    if state.sketch is not None:
+        out["sketch"] = [None if f is None else [copy(f.omega), copy(f.psi)] for f in state.sketch]
     return out
 
 
@@ -249,7 +301,9 @@ def state_from_dict(
         if not bool(xp.all(visits >= 0)):
             raise ValueError(f"`memory_visits` must be >= 0; Received: a minimum of {int(xp.min(visits))}.")
         memory = MemoryState(score=score, visits=visits)
-    return TailState(ema=EMAState(mean=mean, total=total, count=count), memory=memory, steps=steps), config
+    sketch = _load_sketch(state_dict.get("sketch"), like.sketch)
+    ema = EMAState(mean=mean, total=total, count=count)
+    return TailState(ema=ema, memory=memory, steps=steps, sketch=sketch), config
 
 
 # --------------------------------------------------------------------------- helpers
@@ -297,6 +351,28 @@ def _load_array(name: str, value: Any, target: Array, *, floating: bool) -> Arra
     if floating and not bool(xp.all(xp.isfinite(out))):
         raise ValueError(f"`{name}` must be finite (in {target.dtype}); Received: non-finite entries.")
     return out
+
+
+def _load_sketch(value: Any, like: tuple[SketchFactors | None, ...] | None) -> Any:
+    """The saved test matrices, where ``like`` sketches the same layers."""
+    plan = None if like is None else [f is not None for f in like]
+    saved = None if value is None else [f is not None for f in value]
+    if plan != saved:
+        raise ValueError(
+            f"`sketch` must mark the sketched layers {plan} of the destination (None: no sketch); "
+            f"Received: {saved}."
+        )
+    if like is None:
+        return None
+    out: list[SketchFactors | None] = []
+    for k, (f, want) in enumerate(zip(value, like, strict=True)):
+        if want is None:
+            out.append(None)
+            continue
+        omega = _load_array(f"sketch[{k}].omega", f[0], want.omega, floating=True)
+        psi = _load_array(f"sketch[{k}].psi", f[1], want.psi, floating=True)
+        out.append(SketchFactors(omega=omega, psi=psi))
+    return tuple(out)
 
 
 def _load_mean(value: Any, like: Any) -> Any:

@@ -20,8 +20,10 @@ from .config import REFERENCES, GradTailConfig, Method, Reference
 from .curves import WeightCurve
 from .defaults import DEFAULT_CURVE, DEFAULT_DECAY, DEFAULT_REFERENCE
 from .ema import EMAState, ema_mean, ema_update
-from .linear import linear_mean_grad, multi_linear_dots_and_sq_norms
+from .linear import _factors as linear_factors
+from .linear import linear_mean_grad, linear_sq_norms, multi_linear_dots_and_sq_norms
 from .memory import MemoryState, memory_update, memory_weights
+from .sketch import SketchFactors, sketch_batch_update, sketch_dots
 from .state import TailState, next_steps
 from .validation import check_choice, check_int, check_real
 
@@ -227,7 +229,7 @@ def _policy(
         batch_reference = collectives.mean(batch_reference)
     ema = ema_update(state.ema, batch_reference, decay=config.decay_at(state.steps))
     return TailOutput(
-        weights, align, sq, TailState(ema=ema, memory=memory, steps=next_steps(xp, state.steps))
+        weights, align, sq, state._replace(ema=ema, memory=memory, steps=next_steps(xp, state.steps))
     )
 
 
@@ -329,6 +331,12 @@ def tail_step(
     >>> out.weights.round(3)
     array([1., 2.])
     """
+    if state.sketch is not None:
+        raise ValueError(
+            "The state sketches linear layers (`sketch_rank`), which only the factored step "
+            "`linear_tail_step` supports; Received: a sketched state in tail_step. Build the state "
+            "without a sketch for materialised per-example gradients."
+        )
     first = leaves(per_sample_grads)[0] if leaves(per_sample_grads) else None
     if first is not None and first.ndim >= 1 and first.shape[0] == 0:
         _check_batch_index(state, index, 0)
@@ -388,18 +396,58 @@ def linear_tail_step(
         _check_batch_index(state, index, 0)
         return _empty_output(namespace(layers[0][0]), state, layers[0][0])
     means = ema_mean(state.ema)
-    dots, sq, ref_sq = multi_linear_dots_and_sq_norms(layers, means, method=config.method)
+    sketch = state.sketch or (None,) * len(means)
+    if len(layers) != len(means):
+        raise ValueError(
+            f"`layers` must hold one (inputs, output_grads) pair per layer of the state ({len(means)}); "
+            f"Received: {len(layers)} layers."
+        )
+    exact = [k for k, f in enumerate(sketch) if f is None]
+    parts = [
+        _sketched_dots_and_sq_norms(layers[k], means[k], f, config.method)
+        for k, f in enumerate(sketch)
+        if f is not None
+    ]
+    if exact:
+        exact_layers, exact_means = [layers[k] for k in exact], [means[k] for k in exact]
+        parts.append(multi_linear_dots_and_sq_norms(exact_layers, exact_means, method=config.method))
+    dots, sq, ref_sq = (sum(p[n] for p in parts[1:]) + parts[0][n] for n in range(3))
     xp = namespace(dots)
     _check_batch_index(state, index, int(dots.shape[0]))
     coef = inverse_norms(sq) if config.reference == "direction" else None
     batch_reference = type(means)(
         tuple(
-            linear_mean_grad(a, d, bias=len(mean) == 2, example_weights=coef)[: len(mean)]
-            for (a, d), mean in zip(layers, means, strict=True)
+            _batch_update(a, d, mean, f, coef) for (a, d), mean, f in zip(layers, means, sketch, strict=True)
         )
     )
     scored = (dots, sq, ref_sq, batch_reference)
     return _policy(xp, state, scored, config, index, collectives, score, copy_memory)
+
+
+def _sketched_dots_and_sq_norms(
+    layer: tuple[Array, Array], mean: Sequence[Array], factors: SketchFactors, method: Method
+) -> tuple[Array, Array, Array]:
+    """One sketched layer's ``<g_i, G>``, ``||g_i||^2`` (exact) and ``||G||^2``."""
+    y, w, *bias = mean
+    xp, a, d = linear_factors(layer[0], layer[1], {"sketch": y})
+    dots, ref_sq = sketch_dots(xp, a, d, y, w, factors)
+    sq = linear_sq_norms(a, d, bias=bool(bias), method=method)
+    if bias:
+        sums = d if d.ndim == 2 else xp.sum(d, axis=1)
+        dots = dots + sums @ xp.astype(bias[0], a.dtype, copy=False)
+        ref_sq = ref_sq + xp.sum(bias[0] * bias[0])
+    return dots, sq, ref_sq
+
+
+def _batch_update(
+    a: Array, d: Array, mean: Sequence[Array], factors: SketchFactors | None, coef: Array | None
+) -> tuple[Array, ...]:
+    """The batch's reference for one layer: exact, or its sketches (and the exact bias)."""
+    if factors is None:
+        return linear_mean_grad(a, d, bias=len(mean) == 2, example_weights=coef)[: len(mean)]
+    xp, a, d = linear_factors(a, d, {})
+    y_update, w_update, bias = sketch_batch_update(xp, a, d, coef, factors)
+    return (y_update, w_update) if len(mean) == 2 else (y_update, w_update, bias)
 
 
 def _legacy_config(

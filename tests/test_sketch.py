@@ -1,0 +1,128 @@
+"""The sketched reference (`sketch_rank`): exact on low-rank streams, refused where it cannot apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradtail_ops as gt
+
+from . import reference as ref
+from .conftest import assert_array_like, to_numpy
+
+D_OUT, D_IN, RANK = 40, 48, 3
+
+
+def _config(**options):
+    return gt.GradTailConfig.from_options(decay=0.7, sketch_rank=8, sketch_size=12, **options)
+
+
+def test_small_layers_stay_exact_and_large_ones_are_sketched(xp):
+    config = _config()
+    small = (xp.asarray(np.zeros((4, 6))), xp.asarray(np.zeros(4)))
+    large = (xp.asarray(np.zeros((400, 300))),)
+    state = gt.tail_init([small, large], config=config)
+    assert state.sketch[0] is None
+    omega, psi = state.sketch[1]
+    assert_array_like(omega, large[0], shape=(300, 8), dtype=large[0].dtype)
+    assert_array_like(psi, large[0], shape=(12, 400), dtype=large[0].dtype)
+    assert [tuple(m.shape) for m in state.ema.mean[1]] == [(400, 8), (12, 300)]
+    assert gt.tail_init([large], config=gt.GradTailConfig()).sketch is None
+
+
+@pytest.mark.parametrize("seq", [None, 3])
+def test_sketch_is_exact_when_the_reference_has_rank_at_most_k(backend, seq):
+    """Rank(G) <= k: the reconstruction Q (Psi Q)^+ W equals G, so every alignment is exact."""
+    config = _config()
+    exact_config = gt.GradTailConfig(decay=0.7)
+    big = (D_OUT * 10, D_IN * 10)  # large enough to be sketched
+    rng = np.random.default_rng(7)
+    u, v = rng.normal(size=(big[0], RANK)), rng.normal(size=(big[1], RANK))
+    template = [(backend.asarray(np.zeros(big)), backend.asarray(np.zeros(big[0])))]
+    sketched, exact = gt.tail_init(template, config=config), gt.tail_init(template, config=exact_config)
+    assert sketched.sketch[0] is not None
+    shape = (6,) if seq is None else (6, seq)
+    history = []
+    for step in range(5):
+        a = rng.normal(size=(*shape, RANK)) @ v.T
+        d = rng.normal(size=(*shape, RANK)) @ u.T
+        d[:2] += 0.3 * u[:, 0]
+        layer = [(backend.asarray(a), backend.asarray(d))]
+        out_s = backend.run(lambda s, ly: gt.linear_tail_step(s, ly, config=config), sketched, layer)
+        out_e = backend.run(lambda s, ly: gt.linear_tail_step(s, ly, config=exact_config), exact, layer)
+        sketched, exact = out_s.state, out_e.state
+        per = ref.per_example_linear_grads(a, d, True)
+        flat = ref.flatten_examples(per)
+        if history:
+            want = ref.cosine_rows(flat, ref.ema(history, [0.7] * len(history)))
+            np.testing.assert_allclose(to_numpy(out_s.alignment), want, atol=1e-8)
+            np.testing.assert_allclose(to_numpy(out_e.alignment), want, atol=1e-8)
+            assert step > 0
+        norms = np.sqrt((flat**2).sum(axis=1))
+        history.append((flat / norms[:, None]).mean(axis=0))
+        np.testing.assert_allclose(to_numpy(out_s.weights), to_numpy(out_e.weights), atol=1e-8)
+
+
+def test_sketch_error_is_small_on_a_noisy_stream():
+    """Not low rank (noise in every direction): the alignment error stays small, not zero."""
+    rng = np.random.default_rng(3)
+    d_out, d_in, r = 300, 400, 6
+    u, v = rng.normal(size=(d_out, r)), rng.normal(size=(d_in, r))
+    config = gt.GradTailConfig(decay=0.9, sketch=gt.SketchConfig(16))
+    exact_config = gt.GradTailConfig(decay=0.9)
+    template = [(np.zeros((d_out, d_in)),)]
+    s, e = gt.tail_init(template, config=config), gt.tail_init(template, config=exact_config)
+    errors = []
+    for _ in range(20):
+        z = rng.normal(size=(32, r))
+        a = z @ v.T + 0.3 * rng.normal(size=(32, d_in))
+        d = z @ u.T * 0.1 + 0.05 * rng.normal(size=(32, d_out))
+        os_, oe = (
+            gt.linear_tail_step(s, [(a, d)], config=config),
+            gt.linear_tail_step(e, [(a, d)], config=exact_config),
+        )
+        s, e = os_.state, oe.state
+        errors.append(np.abs(os_.alignment - oe.alignment).max())
+    assert max(errors[1:]) < 0.02
+
+
+def test_materialised_step_refuses_a_sketched_state():
+    config = _config()
+    state = gt.tail_init([(np.zeros((400, 300)),)], config=config)
+    with pytest.raises(ValueError, match="only the factored step"):
+        gt.tail_step(state, [(np.zeros((2, 400, 300)),)], config=config)
+
+
+def test_sketched_state_round_trips_through_the_interchange_format(xp):
+    config = _config()
+    rng = np.random.default_rng(0)
+    state = gt.tail_init([(xp.asarray(np.zeros((400, 300))), xp.asarray(np.zeros(400)))], config=config)
+    for _ in range(2):
+        layer = [(xp.asarray(rng.normal(size=(4, 300))), xp.asarray(rng.normal(size=(4, 400))))]
+        state = gt.linear_tail_step(state, layer, config=config).state
+    saved = gt.state_to_dict(state, config=config)
+    assert len(saved["sketch"]) == 1
+    fresh = gt.tail_init([(xp.asarray(np.zeros((400, 300))), xp.asarray(np.zeros(400)))], config=config)
+    loaded, _ = gt.state_from_dict(saved, like=fresh, config=config)
+    for got, want in zip(loaded.ema.mean[0], state.ema.mean[0], strict=True):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+    np.testing.assert_array_equal(to_numpy(loaded.sketch[0].psi), to_numpy(state.sketch[0].psi))
+    exact = gt.tail_init(
+        [(xp.asarray(np.zeros((400, 300))), xp.asarray(np.zeros(400)))], config=gt.GradTailConfig()
+    )
+    with pytest.raises(ValueError, match=r"must match the tracked layers|sketched layers"):
+        gt.state_from_dict(saved, like=exact, config=gt.GradTailConfig())
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"sketch_rank": 0}, ValueError, "sketch_rank"),
+        ({"sketch_rank": 4, "sketch_size": 3}, ValueError, "sketch_size"),
+        ({"sketch_size": 9}, ValueError, "need `sketch_rank`"),
+        ({"sketch_rank": 2.5}, TypeError, "sketch_rank"),
+    ],
+)
+def test_sketch_options_are_validated(options, error, match):
+    with pytest.raises(error, match=match):
+        gt.GradTailConfig.from_options(**options)
