@@ -1,4 +1,4 @@
-"""`GradTail`: forward hooks on nn.Linear modules and the factored GradTail step."""
+"""`GradTail`: forward hooks on nn.Linear (and transformers Conv1D) modules and the factored GradTail step."""
 
 from __future__ import annotations
 
@@ -29,48 +29,18 @@ from gradtail_ops import (
 from gradtail_ops.curves import Curve
 
 from ._distributed import distributed_mean
-from ._graph import inspect_graph
+from ._graph import inspect_graph, reentrant_checkpoint, used_outside_layers
+from ._hooks import EagerLayers, Record, RecordingHook
+from ._layers import (
+    collect_layers,
+    grad_layout,
+    layout_error,
+    sequence_first_module,
+    template,
+    validate_batch_dim,
+)
 
 __all__ = ["GradTail"]
-
-
-class _Record:
-    """What one tracked layer saw in the current step."""
-
-    __slots__ = ("calls", "inputs", "output")
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.inputs: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
-
-
-def _collect_linears(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.Linear], nn.Module | None]:
-    """The tracked layers, and the root module when a whole model was given."""
-    if isinstance(modules, nn.Linear):
-        return [modules], None
-    if isinstance(modules, nn.Module):
-        root = getattr(modules, "_orig_mod", modules)  # a torch.compile'd model wraps the original
-        linears = [m for m in root.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(
-                "GradTail(module) tracks the module's nn.Linear submodules, but there are none; "
-                f"Received: {type(modules).__name__}."
-            )
-        return linears, root
-    given = list(modules)
-    if not given:
-        raise ValueError("GradTail needs at least one nn.Linear to track; Received: an empty sequence.")
-    for k, m in enumerate(given):
-        if not isinstance(m, nn.Linear):
-            raise TypeError(
-                "GradTail tracks nn.Linear modules (pass a whole model to track all of its Linear "
-                f"layers); Received: {type(m).__name__} at position {k}."
-            )
-    linears = [m for m in given if isinstance(m, nn.Linear)]
-    if len({id(m) for m in linears}) != len(linears):
-        raise ValueError("GradTail received the same nn.Linear more than once.")
-    return linears, None
 
 
 class GradTail:
@@ -124,6 +94,12 @@ class GradTail:
         Log-weight per standard deviation of running score, >= 0. Defaults to 1.0.
     memory_max_weight : float, optional
         Cap of the memory weights (before normalisation), >= 1. Defaults to 3.0.
+    batch_dim : {0, 1}, optional
+        The batch axis of tracked layers' inputs that have a time axis (3-D and up): 0 for
+        ``(B, T, d)``, 1 for sequence-first ``(T, B, d)`` (``nn.Transformer``'s default,
+        ``nn.LSTM`` outputs). 2-D inputs are always ``(B, d)``. Defaults to 0; when a whole
+        model is given and one of its modules declares ``batch_first=False``, it must be
+        given explicitly (a ``(T, B, d)`` input with ``T == B`` cannot be told apart).
 
     Examples
     --------
@@ -158,6 +134,7 @@ class GradTail:
         memory_decay: float = 0.5,
         memory_eta: float = 1.0,
         memory_max_weight: float = 3.0,
+        batch_dim: int | None = None,
     ) -> None:
         validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
         validate_memory_options(
@@ -166,7 +143,16 @@ class GradTail:
             memory_eta=memory_eta,
             memory_max_weight=memory_max_weight,
         )
-        self.layers, self._root = _collect_linears(modules)
+        validate_batch_dim(batch_dim)
+        self.layers, self._root = collect_layers(modules)
+        seq_first = None if self._root is None or batch_dim is not None else sequence_first_module(self._root)
+        if seq_first is not None:
+            raise ValueError(
+                f"The model has a sequence-first module, {seq_first}, declared with batch_first=False: say "
+                "where the batch axis of the tracked layers' (3-D) inputs is, batch_dim=1 for (T, B, d) or "
+                "batch_dim=0 for (B, T, d); Received: batch_dim=None."
+            )
+        self.batch_dim = 0 if batch_dim is None else int(batch_dim)
         self.decay = float(decay)
         self.reference = reference
         self.warmup_steps = warmup_steps
@@ -182,7 +168,7 @@ class GradTail:
         self.eps = eps
         self.method = method
         self.sync_distributed = sync_distributed
-        self.state: EMAState = ema_init([self._template(m) for m in self.layers])
+        self.state: EMAState = ema_init([template(m) for m in self.layers])
         self.memory_decay = float(memory_decay)
         self.memory_eta = float(memory_eta)
         self.memory_max_weight = float(memory_max_weight)
@@ -191,38 +177,25 @@ class GradTail:
         )
         self.last_alignment: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
-        self._records = [_Record() for _ in self.layers]
+        self._records = [Record() for _ in self.layers]
+        # The hooks and eager forwards are objects that copies of the model do not share
+        # (see _hooks): a deepcopy'd or pickled model is independent of this GradTail.
         self._handles = [
-            m.register_forward_hook(self._hook(r)) for m, r in zip(self.layers, self._records, strict=True)
+            m.register_forward_hook(RecordingHook(r, self.batch_dim))
+            for m, r in zip(self.layers, self._records, strict=True)
         ]
         # Under torch.compile the tracked layers must run eagerly: inside a compiled region their
         # outputs are not nodes of the autograd graph, so their output gradients cannot be taken.
         # Excluding them from compilation costs a graph break per tracked layer, nothing else.
-        self._eager = _EagerLayers(self.layers)
+        self._eager = EagerLayers(self.layers)
         self._batchnorm_checked = False
         self.last_backward: Literal["book-keeping", "weighted backward"] | None = None
 
     # ----------------------------------------------------------------------------- hooks
-    @staticmethod
-    def _template(layer: nn.Linear) -> tuple[torch.Tensor, ...]:
-        weight = layer.weight.detach()
-        return (weight,) if layer.bias is None else (weight, layer.bias.detach())
-
-    def _hook(self, record: _Record) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            # Nothing is kept for evaluation forwards: no graph, or the module in eval mode.
-            if not (module.training and torch.is_grad_enabled() and output.requires_grad):
-                return
-            record.calls += 1
-            record.inputs = args[0].detach()
-            record.output = output
-
-        return hook
-
     def discard(self) -> None:
         """Forget what the hooks kept since the last step (e.g. after an extra forward)."""
         for record in self._records:
-            record.calls, record.inputs, record.output = 0, None, None
+            record.clear()
 
     def remove(self) -> None:
         """Remove every hook and drop what they kept. The state stays readable."""
@@ -262,11 +235,19 @@ class GradTail:
                 "call (or after a forward under torch.no_grad() / model.eval()): it needs exactly one "
                 "training forward per call."
             )
+        if missing and reentrant_checkpoint(per_example_loss):
+            raise RuntimeError(
+                f"Tracked layers {missing} ran inside torch.utils.checkpoint(..., use_reentrant=True), "
+                "which runs them without autograd and hides their outputs, so GradTail cannot score them. "
+                "Use use_reentrant=False (PyTorch's recommended mode, which GradTail supports), or track "
+                "only layers outside the checkpointed segments."
+            )
         if missing:
             raise RuntimeError(
                 f"Tracked layers {missing} did not run in the forward behind this loss; GradTail scores "
                 "all tracked layers jointly, so each must run once per step (track only the layers "
-                "every forward uses)."
+                "every forward uses; a layer run under torch.no_grad() counts as not run, e.g. inside "
+                "torch.utils.checkpoint(use_reentrant=True) when no input of the segment requires grad)."
             )
         repeated = [k for k, r in enumerate(self._records) if r.calls > 1]
         if repeated:
@@ -277,18 +258,21 @@ class GradTail:
             )
         batch = per_example_loss.shape[0]
         for k, r in enumerate(self._records):
-            if r.inputs is not None and r.inputs.shape[0] != batch:
+            problem = None if r.inputs is None else layout_error(k, r.input_shape, batch, self.batch_dim)
+            if problem is not None:
                 raise ValueError(
-                    f"`per_example_loss` has {batch} entries but tracked layer {k} saw inputs of shape "
-                    f"{tuple(r.inputs.shape)}; Received: loss shape {tuple(per_example_loss.shape)}."
+                    f"`per_example_loss` has {batch} entries but {problem}; Received: loss shape "
+                    f"{tuple(per_example_loss.shape)}."
                 )
 
     def _output_grads(self, per_example_loss: torch.Tensor, *, retain_graph: bool) -> list[torch.Tensor]:
-        present = [r.output for r in self._records if r.output is not None]
+        present = [r for r in self._records if r.output is not None]
         # One backward from the summed loss: exact per example, since each loss depends only
         # on its own outputs (unless something mixes examples: see the batch-norm check).
+        # The gradient is taken at each output's edge as the layer made it, so an in-place op
+        # after the layer (nn.ReLU(inplace=True)) does not shift it.
         grads = torch.autograd.grad(
-            per_example_loss.sum(), present, retain_graph=retain_graph, allow_unused=True
+            per_example_loss.sum(), [r.edge for r in present], retain_graph=retain_graph, allow_unused=True
         )
         if all(g is None for g in grads):
             raise RuntimeError(
@@ -298,10 +282,11 @@ class GradTail:
                 "create GradTail first (it keeps the tracked layers eager), or compile only the layers "
                 "before the tracked ones."
             )
-        return [torch.zeros_like(out) if g is None else g for out, g in zip(present, grads, strict=True)]
+        out = [torch.zeros_like(r.output) if g is None else g for r, g in zip(present, grads, strict=True)]
+        return [g.transpose(0, 1) if r.seq_first else g for r, g in zip(present, out, strict=True)]
 
     def _check_mixing(self, per_example_loss: torch.Tensor) -> None:
-        tracked = {r.output.grad_fn for r in self._records if r.output is not None}
+        tracked = {r.node for r in self._records if r.output is not None}
         if inspect_graph(per_example_loss, tracked).mixing_batchnorm:
             warnings.warn(
                 "A train-mode BatchNorm lies between the loss and a tracked nn.Linear: its output "
@@ -468,10 +453,7 @@ class GradTail:
         """
         self._check_loss(per_example_loss)
         rows = self._check_index(index, per_example_loss.shape[0])
-        tracked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
-        tracked = {r.output.grad_fn for r in self._records if r.output is not None}
-        facts = inspect_graph(per_example_loss, tracked)
-        book_keeping = facts.leaves <= tracked_params and not (
+        book_keeping = self._book_keeping_exact(per_example_loss) and not (
             self.sync_distributed and _distributed_active()
         )  # under DDP the weighted backward lets DDP's reducer average the gradients
         weights, layers = self._step(per_example_loss, retain_graph=not book_keeping, index=rows)
@@ -485,10 +467,24 @@ class GradTail:
                 bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
                 gw, gb = linear_mean_grad(inputs, grads, bias=bias is not None, example_weights=coef)
                 if layer.weight.requires_grad:
-                    _accumulate(layer.weight, gw)
+                    _accumulate(layer.weight, grad_layout(layer, gw))
                 if bias is not None and gb is not None:
                     _accumulate(bias, gb)
         return weights
+
+    def _book_keeping_exact(self, per_example_loss: torch.Tensor) -> bool:
+        """Whether ``sum_i w_i d_i a_i^T / B`` per tracked layer is the whole weighted gradient.
+
+        It is when every leaf the loss reaches is a tracked layer's parameter and no path from
+        the loss reaches one without going through a tracked layer's output (a tied embedding,
+        a functional use of the weight, a second use under another name would).
+        """
+        tracked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
+        nodes = {r.node for r in self._records if r.output is not None}
+        if not inspect_graph(per_example_loss, nodes).leaves <= tracked_params:
+            return False
+        layers = [(r.node, r.input_node) for r in self._records if r.output is not None]
+        return not used_outside_layers(per_example_loss, layers)
 
     # ----------------------------------------------------------------------------- state
     def memory_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -620,24 +616,6 @@ class GradTail:
             score=score.to(device=ref.score.device, dtype=ref.score.dtype).clone(),
             visits=visits.to(device=ref.visits.device, dtype=ref.visits.dtype).clone(),
         )
-
-
-class _EagerLayers:
-    """Keeps modules out of torch.compile (a graph break around each), reversibly."""
-
-    def __init__(self, layers: list[nn.Linear]) -> None:
-        self._saved = []
-        for layer in layers:
-            self._saved.append((layer, layer.__dict__.get("forward")))
-            layer.forward = torch.compiler.disable(layer.forward)  # type: ignore[method-assign,no-untyped-call]
-
-    def restore(self) -> None:
-        for layer, original in self._saved:
-            if original is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = original  # type: ignore[method-assign]
-        self._saved = []
 
 
 def _flat(mean: Any) -> list[Any]:
