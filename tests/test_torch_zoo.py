@@ -421,3 +421,26 @@ def test_gpt2_from_config_matches_reference():
         return sequence_loss(m(input_ids=idx).logits[:, :-1], idx[:, 1:])
 
     check_backward(model, lambda m: m, lm_loss, steps=2, path="weighted backward")
+
+
+def test_hf_conv1d_book_keeping_writes_its_own_layout():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(43)
+    model = nn.Sequential(Conv1D(8, 5), nn.Tanh(), Conv1D(3, 8)).double()  # Conv1D(nf=d_out, nx=d_in)
+    for m in model:
+        if isinstance(m, Conv1D):
+            nn.init.normal_(m.weight, std=0.5)
+    gen = torch.Generator().manual_seed(44)
+    data = [(torch.randn(6, 4, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6, 4), generator=gen))
+            for _ in range(3)]
+
+    def make_loss(m, step):
+        x, y = data[step]
+        return F.cross_entropy(m(x).reshape(-1, 3), y.reshape(-1), reduction="none").reshape(6, 4).mean(1)
+
+    gt = GradTail(model, decay=DECAY)
+    check_alignment(gt, model, _tracked_params(gt), lambda s: make_loss(model, s))
+    gt.remove()
+    check_backward(model, lambda m: m, make_loss, path="book-keeping")
