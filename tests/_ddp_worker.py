@@ -33,7 +33,9 @@ def batches(steps: int, batch: int, kind: str = "mlp") -> list[tuple[torch.Tenso
     ]
 
 
-def run(rank: int, world: int, init_file: str, out_dir: str, steps: int, batch: int, kind: str = "mlp") -> None:
+def run(
+    rank: int, world: int, init_file: str, out_dir: str, steps: int, batch: int, kind: str = "mlp"
+) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = torch.nn.parallel.DistributedDataParallel(make_model(kind))

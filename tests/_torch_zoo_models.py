@@ -75,7 +75,9 @@ class TiedLM(nn.Module):
         self.emb = nn.Embedding(vocab, d)
         self.hidden = nn.Linear(d, d)
         self.attn = (
-            nn.TransformerEncoderLayer(d, 2, dim_feedforward=8, dropout=0.0, batch_first=True) if causal else None
+            nn.TransformerEncoderLayer(d, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+            if causal
+            else None
         )
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.emb.weight
@@ -93,7 +95,9 @@ class TiedLM(nn.Module):
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B,): each sequence's mean next-token cross-entropy."""
     b, t, v = logits.shape
-    return F.cross_entropy(logits.reshape(b * t, v), targets.reshape(-1), reduction="none").reshape(b, t).mean(1)
+    return (
+        F.cross_entropy(logits.reshape(b * t, v), targets.reshape(-1), reduction="none").reshape(b, t).mean(1)
+    )
 
 
 class Checkpointed(nn.Module):
@@ -109,7 +113,9 @@ class Checkpointed(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.use_reentrant, self.active = use_reentrant, active
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(5, 7), nn.Tanh()), nn.Sequential(nn.Linear(7, 7), nn.Tanh())])
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(5, 7), nn.Tanh()), nn.Sequential(nn.Linear(7, 7), nn.Tanh())]
+        )
         self.head = nn.Linear(7, 3)
         self.double()
 

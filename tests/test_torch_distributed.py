@@ -19,7 +19,9 @@ from . import _ddp_worker as worker  # noqa: E402
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
 def test_two_ranks_hold_the_single_process_state(tmp_path, kind):
     steps, batch = 3, 8
-    mp.spawn(worker.run, args=(2, str(tmp_path / "init"), str(tmp_path), steps, batch, kind), nprocs=2, join=True)
+    mp.spawn(
+        worker.run, args=(2, str(tmp_path / "init"), str(tmp_path), steps, batch, kind), nprocs=2, join=True
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     # The single-process reference on the whole batch, without torch.distributed, stepping

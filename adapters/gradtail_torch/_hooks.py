@@ -101,9 +101,11 @@ _REASON = (
 )
 
 
-@torch.compiler.disable(reason=_REASON)  # type: ignore[misc]
-def _eager_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(module).forward(module, *args, **kwargs)
+
+
+_eager_forward: Any = torch.compiler.disable(_forward, reason=_REASON)  # type: ignore[no-untyped-call]
 
 
 class EagerForward:
@@ -134,8 +136,9 @@ class EagerLayers:
             if isinstance(current, EagerForward):
                 continue  # another GradTail on the same model already keeps it eager
             self._saved.append((layer, current))
-            eager = EagerForward(layer) if current is None else torch.compiler.disable(current, reason=_REASON)
-            layer.forward = eager
+            # A forward the user set on the instance is kept (wrapped); the class's gets EagerForward.
+            disable: Any = torch.compiler.disable
+            layer.forward = EagerForward(layer) if current is None else disable(current, reason=_REASON)
 
     def restore(self) -> None:
         for layer, original in self._saved:

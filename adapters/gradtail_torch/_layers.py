@@ -23,6 +23,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import UninitializedParameter
 
 __all__ = [
+    "bias_of",
     "collect_layers",
     "grad_layout",
     "is_conv1d",
@@ -30,6 +31,7 @@ __all__ = [
     "sequence_first_module",
     "template",
     "validate_batch_dim",
+    "weight_of",
 ]
 
 
@@ -76,7 +78,7 @@ def _check_initialised(module: nn.Module, name: str) -> None:
 
 def collect_layers(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.Module], nn.Module | None]:
     """The tracked layers, and the root module when a whole model was given."""
-    if _trackable(modules) and isinstance(modules, nn.Module):  # one layer
+    if isinstance(modules, nn.Module) and _trackable(modules):  # one layer
         given: list[nn.Module] = [modules]
         root = None
     elif isinstance(modules, nn.Module):
@@ -128,12 +130,24 @@ def collect_layers(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.Mo
     return given, root
 
 
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """A tracked layer's weight parameter, in the layer's own layout."""
+    weight: torch.Tensor = getattr(layer, "weight")  # noqa: B009 - typed access to a tracked layer
+    return weight
+
+
+def bias_of(layer: nn.Module) -> torch.Tensor | None:
+    """A tracked layer's bias parameter, or None."""
+    bias: torch.Tensor | None = getattr(layer, "bias", None)
+    return bias
+
+
 def template(layer: nn.Module) -> tuple[torch.Tensor, ...]:
     """The layer's parameters in the core's layout: weight (d_out, d_in), then the bias."""
-    weight = layer.weight.detach()
+    weight = weight_of(layer).detach()
     if is_conv1d(layer):
         weight = weight.t()
-    bias = getattr(layer, "bias", None)
+    bias = bias_of(layer)
     return (weight,) if bias is None else (weight, bias.detach())
 
 

@@ -32,12 +32,14 @@ from ._distributed import distributed_mean
 from ._graph import inspect_graph, reentrant_checkpoint, used_outside_layers
 from ._hooks import EagerLayers, Record, RecordingHook
 from ._layers import (
+    bias_of,
     collect_layers,
     grad_layout,
     layout_error,
     sequence_first_module,
     template,
     validate_batch_dim,
+    weight_of,
 )
 
 __all__ = ["GradTail"]
@@ -173,7 +175,7 @@ class GradTail:
         self.memory_eta = float(memory_eta)
         self.memory_max_weight = float(memory_max_weight)
         self.memory: MemoryState | None = (
-            None if memory_size is None else memory_init(memory_size, like=self.layers[0].weight.detach())
+            None if memory_size is None else memory_init(memory_size, like=weight_of(self.layers[0]).detach())
         )
         self.last_alignment: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
@@ -272,7 +274,10 @@ class GradTail:
         # The gradient is taken at each output's edge as the layer made it, so an in-place op
         # after the layer (nn.ReLU(inplace=True)) does not shift it.
         grads = torch.autograd.grad(
-            per_example_loss.sum(), [r.edge for r in present], retain_graph=retain_graph, allow_unused=True
+            per_example_loss.sum(),
+            [r.edge for r in present if r.edge is not None],
+            retain_graph=retain_graph,
+            allow_unused=True,
         )
         if all(g is None for g in grads):
             raise RuntimeError(
@@ -464,10 +469,11 @@ class GradTail:
         with torch.no_grad():
             coef = weights.detach()
             for layer, (inputs, grads) in zip(self.layers, layers, strict=True):
-                bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
+                bias = bias_of(layer)
+                bias = bias if bias is not None and bias.requires_grad else None
                 gw, gb = linear_mean_grad(inputs, grads, bias=bias is not None, example_weights=coef)
-                if layer.weight.requires_grad:
-                    _accumulate(layer.weight, grad_layout(layer, gw))
+                if weight_of(layer).requires_grad:
+                    _accumulate(weight_of(layer), grad_layout(layer, gw))
                 if bias is not None and gb is not None:
                     _accumulate(bias, gb)
         return weights
