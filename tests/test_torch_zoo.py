@@ -415,7 +415,8 @@ def test_transformer_under_bfloat16_autocast_tracks_float32():
 def test_gradtail_does_not_import_transformers():
     # Conv1D is recognised only through sys.modules: a torch-only user never pays for the import.
     code = (
-        "import sys, gradtail_torch, torch; gradtail_torch.GradTail(torch.nn.Sequential(torch.nn.Linear(2, 2))); "
+        "import sys, gradtail_torch, torch; "
+        "gradtail_torch.GradTail(torch.nn.Sequential(torch.nn.Linear(2, 2))); "
         "print('transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
