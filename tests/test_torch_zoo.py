@@ -430,6 +430,8 @@ def test_gpt2_from_config_matches_reference():
     torch.manual_seed(37)
     config = transformers.GPT2Config(
         vocab_size=100,
+        bos_token_id=0,
+        eos_token_id=0,
         n_positions=16,
         n_embd=32,
         n_layer=2,

@@ -46,7 +46,7 @@ __all__ = ["GradTail"]
 
 
 class GradTail:
-    """GradTail sample weighting for PyTorch: hooks on ``nn.Linear`` layers.
+    """GradTail sample weighting for PyTorch: hooks on ``nn.Linear`` (and HF ``Conv1D``) layers.
 
     Each step scores every example by the cosine between its gradient on the tracked
     layers and a running reference gradient, and turns low alignment into a higher loss
@@ -59,7 +59,11 @@ class GradTail:
     ----------
     modules : nn.Linear, sequence of nn.Linear, or nn.Module
         The layers to score, jointly (one cosine over all of them). A module that is not an
-        ``nn.Linear`` means all of its ``nn.Linear`` submodules.
+        ``nn.Linear`` means all of its ``nn.Linear`` submodules (and ``transformers``
+        ``Conv1D`` ones, when the user has imported transformers), except those that cannot
+        be scored exactly, skipped with a warning: ``nn.MultiheadAttention``'s ``out_proj``
+        and ``nn.Linear`` subclasses with their own ``forward`` (docs/torch.md, Supported
+        models).
     decay : float, optional
         EMA decay of the reference. Defaults to ``gradtail_ops.DEFAULT_DECAY`` (0.999).
     reference : {"direction", "mean"}, optional
@@ -433,7 +437,10 @@ class GradTail:
         When every tensor the loss needs a gradient for lives in the tracked layers, the
         gradient of ``mean_i(w_i L_i)`` is assembled from the stored inputs and output
         gradients (``sum_i w_i d_i a_i^T / B``, the book-keeping trick of Bu et al., 2022),
-        so the network is differentiated once. Otherwise it runs one weighted backward.
+        so the network is differentiated once. That path is taken only when the autograd
+        graph proves it exact: the loss reaches no other trainable tensor, and no tracked
+        parameter is used outside its layer's forward (a tied embedding is such a use).
+        Otherwise it runs one weighted backward.
         Either way ``.grad`` is accumulated exactly as ``(w * loss).mean().backward()``.
 
         Parameters
