@@ -123,3 +123,23 @@ class Checkpointed(nn.Module):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=self.use_reentrant) if self.active else block(x)
         return self.head(x)
+
+
+class Tagger(nn.Module):
+    """Sequence-first nn.LSTM (T, B, d_in) -> per-step Linear head (T, B, 3).
+
+    Examples
+    --------
+    >>> Tagger()(torch.zeros(5, 2, 4, dtype=torch.float64)).shape
+    torch.Size([5, 2, 3])
+    """
+
+    def __init__(self, seed: int = 0, d_in: int = 4, hidden: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lstm = nn.LSTM(d_in, hidden)
+        self.head = nn.Linear(hidden, 3)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0])

@@ -25,7 +25,7 @@ from gradtail_torch import GradTail  # noqa: E402
 
 from . import reference as ref  # noqa: E402
 from ._torch_models import mlp, per_example_grads  # noqa: E402
-from ._torch_zoo_models import Checkpointed, Encoder, TiedLM, cnn, sequence_loss  # noqa: E402
+from ._torch_zoo_models import Checkpointed, Encoder, Tagger, TiedLM, cnn, sequence_loss  # noqa: E402
 
 DECAY = 0.8
 
@@ -250,6 +250,26 @@ def test_sequence_first_model_needs_an_explicit_batch_dim():
     twin.discard()
     twin.weights(layer(x.transpose(0, 1)).pow(2).sum((1, 2)))
     torch.testing.assert_close(twin.last_alignment, gt.last_alignment, rtol=1e-12, atol=1e-14)
+
+
+def test_sequence_first_lstm_tagger_with_batch_dim_1_matches_reference():
+    model = Tagger(seed=45)
+    with pytest.raises(ValueError, match=r"lstm \(LSTM\).*batch_dim"):
+        GradTail(model)
+    gt = GradTail(model, batch_dim=1, decay=DECAY)
+    assert gt.layers == [model.head]
+    gen = torch.Generator().manual_seed(46)
+    data = [
+        (torch.randn(5, 5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5, 5), generator=gen))
+        for _ in range(3)
+    ]  # (T, B) = (5, 5): the shapes cannot tell the layout
+
+    def make_loss(step):
+        x, y = data[step]
+        logits = model(x)  # (T, B, 3)
+        return F.cross_entropy(logits.reshape(-1, 3), y.reshape(-1), reduction="none").reshape(5, 5).mean(0)
+
+    check_alignment(gt, model, _tracked_params(gt), make_loss)
 
 
 def test_multihead_attention_projection_given_explicitly_is_refused():
