@@ -226,6 +226,7 @@ def test_transformer_encoder_trains_with_gradtail_of_the_model(batch_first):
         )
 
 
+@pytest.mark.filterwarnings("ignore:GradTail\\(model\\) does not track")
 def test_sequence_first_model_needs_an_explicit_batch_dim():
     with pytest.raises(ValueError, match=r"batch_first=False.*batch_dim"):
         GradTail(Encoder(batch_first=False))
