@@ -15,9 +15,13 @@ from . import _ddp_worker as worker  # noqa: E402
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_two_ranks_hold_the_single_process_state(tmp_path):
+@pytest.mark.filterwarnings("ignore:GradTail\\(model\\) does not track")
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_two_ranks_hold_the_single_process_state(tmp_path, kind):
     steps, batch = 3, 8
-    mp.spawn(worker.run, args=(2, str(tmp_path / "init"), str(tmp_path), steps, batch), nprocs=2, join=True)
+    mp.spawn(
+        worker.run, args=(2, str(tmp_path / "init"), str(tmp_path), steps, batch, kind), nprocs=2, join=True
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     # The single-process reference on the whole batch, without torch.distributed, stepping
@@ -26,9 +30,9 @@ def test_two_ranks_hold_the_single_process_state(tmp_path):
         for step_params, other in zip(ranks[0]["params"], r["params"], strict=True):
             for pa, pb in zip(step_params, other, strict=True):
                 torch.testing.assert_close(pa, pb, rtol=0, atol=0)  # DDP kept replicas equal
-    model = worker.make_model()
+    model = worker.make_model(kind)
     gt = GradTail(model, decay=0.8)
-    for step, (x, y) in enumerate(worker.batches(steps, batch)):
+    for step, (x, y) in enumerate(worker.batches(steps, batch, kind)):
         with torch.no_grad():
             for p, value in zip(model.parameters(), ranks[0]["params"][step], strict=True):
                 p.copy_(value)

@@ -1,4 +1,4 @@
-"""`GradTail`: forward hooks on nn.Linear modules and the factored GradTail step."""
+"""`GradTail`: forward hooks on nn.Linear (and transformers Conv1D) modules and the factored GradTail step."""
 
 from __future__ import annotations
 
@@ -30,48 +30,20 @@ if TYPE_CHECKING:
     from gradtail_ops import GradTailOptions
 
 from ._distributed import distributed_mean
-from ._graph import inspect_graph
+from ._graph import inspect_graph, reentrant_checkpoint, used_outside_layers
+from ._hooks import EagerLayers, Record, RecordingHook
+from ._layers import (
+    bias_of,
+    collect_layers,
+    grad_layout,
+    layout_error,
+    sequence_first_module,
+    template,
+    validate_batch_dim,
+    weight_of,
+)
 
 __all__ = ["GradTail"]
-
-
-class _Record:
-    """What one tracked layer saw in the current step."""
-
-    __slots__ = ("calls", "inputs", "output")
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.inputs: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
-
-
-def _collect_linears(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.Linear], nn.Module | None]:
-    """The tracked layers, and the root module when a whole model was given."""
-    if isinstance(modules, nn.Linear):
-        return [modules], None
-    if isinstance(modules, nn.Module):
-        root = getattr(modules, "_orig_mod", modules)  # a torch.compile'd model wraps the original
-        linears = [m for m in root.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(
-                "GradTail(module) tracks the module's nn.Linear submodules, but there are none; "
-                f"Received: {type(modules).__name__}."
-            )
-        return linears, root
-    given = list(modules)
-    if not given:
-        raise ValueError("GradTail needs at least one nn.Linear to track; Received: an empty sequence.")
-    for k, m in enumerate(given):
-        if not isinstance(m, nn.Linear):
-            raise TypeError(
-                "GradTail tracks nn.Linear modules (pass a whole model to track all of its Linear "
-                f"layers); Received: {type(m).__name__} at position {k}."
-            )
-    linears = [m for m in given if isinstance(m, nn.Linear)]
-    if len({id(m) for m in linears}) != len(linears):
-        raise ValueError("GradTail received the same nn.Linear more than once.")
-    return linears, None
 
 
 def _option(name: str) -> Any:
@@ -82,7 +54,7 @@ def _option(name: str) -> Any:
 
 
 class GradTail:
-    """GradTail sample weighting for PyTorch: hooks on ``nn.Linear`` layers.
+    """GradTail sample weighting for PyTorch: hooks on ``nn.Linear`` (and HF ``Conv1D``) layers.
 
     Each step scores every example by the cosine between its gradient on the tracked
     layers and a running reference gradient, and turns low alignment into a higher loss
@@ -95,20 +67,31 @@ class GradTail:
     ----------
     modules : nn.Linear, sequence of nn.Linear, or nn.Module
         The layers to score, jointly (one cosine over all of them). A module that is not an
-        ``nn.Linear`` means all of its ``nn.Linear`` submodules.
+        ``nn.Linear`` means all of its ``nn.Linear`` submodules (and ``transformers``
+        ``Conv1D`` ones, when the user has imported transformers), except those that cannot
+        be scored exactly, skipped with a warning: ``nn.MultiheadAttention``'s ``out_proj``
+        and ``nn.Linear`` subclasses with their own ``forward`` (docs/torch.md, Supported
+        models).
     config : gradtail_ops.GradTailConfig, optional
         The whole policy. Defaults to the one built from ``**options``.
     sync_distributed : bool, optional
         When ``torch.distributed`` is initialised, average the batch reference over ranks
         before the EMA update so every rank holds the same state. Defaults to True.
+    batch_dim : {0, 1}, optional
+        The batch axis of tracked layers' inputs that have a time axis (3-D and up): 0 for
+        ``(B, T, d)``, 1 for sequence-first ``(T, B, d)`` (``nn.Transformer``'s default,
+        ``nn.LSTM`` outputs). 2-D inputs are always ``(B, d)``. Defaults to 0; when a whole
+        model is given and one of its modules declares ``batch_first=False``, it must be
+        given explicitly (a ``(T, B, d)`` input with ``T == B`` cannot be told apart).
     **options
         The flat GradTail options, validated once by `gradtail_ops.GradTailConfig.from_options`
         (its docs list each with its default): ``decay`` (float or schedule ``steps -> decay``;
         0.999), ``reference`` ("direction"), ``warmup_steps`` (0), the curve's ``kind``
         ("rank"), ``max_weight`` (3.0), ``threshold``, ``temperature``, ``quantile`` (0.3),
-        ``floor``, ``normalize`` (True), ``eps`` (0.0), ``method`` ("auto"), and the
+        ``floor``, ``normalize`` (True), ``eps`` (0.0), ``method`` ("auto"), the
         per-example memory's ``memory_size`` (None: off), ``memory_decay`` (0.5),
-        ``memory_eta`` (1.0), ``memory_max_weight`` (3.0).
+        ``memory_eta`` (1.0), ``memory_max_weight`` (3.0), and the sketched reference's
+        ``sketch_rank`` (None: exact), ``sketch_size``, ``sketch_seed``.
 
         With ``memory_size=N`` each example keeps an EMA, over its visits, of its
         batch-standardised alignment, and the loss weights come from that running score
@@ -117,6 +100,10 @@ class GradTail:
         needs ``index=``, each example's row in ``[0, N)``. It costs 8 bytes per example on
         the tracked layers' device and is not synchronised across ``torch.distributed`` ranks
         (docs/tail_mining.md).
+
+        With ``sketch_rank=k`` the reference of each large tracked layer is a rank-k sketch
+        (`gradtail_ops.sketch`): its state and the scoring cost shrink from ``d_in·d_out`` to
+        about ``3k·(d_in + d_out)``; small layers stay exact.
 
     Attributes
     ----------
@@ -145,22 +132,35 @@ class GradTail:
         *,
         config: GradTailConfig | None = None,
         sync_distributed: bool = True,
+        batch_dim: int | None = None,
         **options: Unpack[GradTailOptions],
     ) -> None:
         self.config = coerce_config(config, options)
-        self.layers, self._root = _collect_linears(modules)
+        validate_batch_dim(batch_dim)
+        self.layers, self._root = collect_layers(modules)
+        seq_first = None if self._root is None or batch_dim is not None else sequence_first_module(self._root)
+        if seq_first is not None:
+            raise ValueError(
+                f"The model has a sequence-first module, {seq_first}, declared with batch_first=False: say "
+                "where the batch axis of the tracked layers' (3-D) inputs is, batch_dim=1 for (T, B, d) or "
+                "batch_dim=0 for (B, T, d); Received: batch_dim=None."
+            )
+        self.batch_dim = 0 if batch_dim is None else int(batch_dim)
         self.sync_distributed = sync_distributed
-        self._state: TailState = tail_init([self._template(m) for m in self.layers], config=self.config)
+        self._state: TailState = tail_init([template(m) for m in self.layers], config=self.config)
         self.last_alignment: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
-        self._records = [_Record() for _ in self.layers]
+        self._records = [Record() for _ in self.layers]
+        # The hooks and eager forwards are objects that copies of the model do not share
+        # (see _hooks): a deepcopy'd or pickled model is independent of this GradTail.
         self._handles = [
-            m.register_forward_hook(self._hook(r)) for m, r in zip(self.layers, self._records, strict=True)
+            m.register_forward_hook(RecordingHook(r, self.batch_dim))
+            for m, r in zip(self.layers, self._records, strict=True)
         ]
         # Under torch.compile the tracked layers must run eagerly: inside a compiled region their
         # outputs are not nodes of the autograd graph, so their output gradients cannot be taken.
         # Excluding them from compilation costs a graph break per tracked layer, nothing else.
-        self._eager = _EagerLayers(self.layers)
+        self._eager = EagerLayers(self.layers)
         self._batchnorm_checked = False
         self.last_backward: Literal["book-keeping", "weighted backward"] | None = None
 
@@ -192,26 +192,10 @@ class GradTail:
         return curve
 
     # ----------------------------------------------------------------------------- hooks
-    @staticmethod
-    def _template(layer: nn.Linear) -> tuple[torch.Tensor, ...]:
-        weight = layer.weight.detach()
-        return (weight,) if layer.bias is None else (weight, layer.bias.detach())
-
-    def _hook(self, record: _Record) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            # Nothing is kept for evaluation forwards: no graph, or the module in eval mode.
-            if not (module.training and torch.is_grad_enabled() and output.requires_grad):
-                return
-            record.calls += 1
-            record.inputs = args[0].detach()
-            record.output = output
-
-        return hook
-
     def discard(self) -> None:
         """Forget what the hooks kept since the last step (e.g. after an extra forward)."""
         for record in self._records:
-            record.calls, record.inputs, record.output = 0, None, None
+            record.clear()
 
     def remove(self) -> None:
         """Remove every hook and drop what they kept. The state stays readable."""
@@ -251,11 +235,19 @@ class GradTail:
                 "call (or after a forward under torch.no_grad() / model.eval()): it needs exactly one "
                 "training forward per call."
             )
+        if missing and reentrant_checkpoint(per_example_loss):
+            raise RuntimeError(
+                f"Tracked layers {missing} ran inside torch.utils.checkpoint(..., use_reentrant=True), "
+                "which runs them without autograd and hides their outputs, so GradTail cannot score them. "
+                "Use use_reentrant=False (PyTorch's recommended mode, which GradTail supports), or track "
+                "only layers outside the checkpointed segments."
+            )
         if missing:
             raise RuntimeError(
                 f"Tracked layers {missing} did not run in the forward behind this loss; GradTail scores "
                 "all tracked layers jointly, so each must run once per step (track only the layers "
-                "every forward uses)."
+                "every forward uses; a layer run under torch.no_grad() counts as not run, e.g. inside "
+                "torch.utils.checkpoint(use_reentrant=True) when no input of the segment requires grad)."
             )
         repeated = [k for k, r in enumerate(self._records) if r.calls > 1]
         if repeated:
@@ -266,18 +258,24 @@ class GradTail:
             )
         batch = per_example_loss.shape[0]
         for k, r in enumerate(self._records):
-            if r.inputs is not None and r.inputs.shape[0] != batch:
+            problem = None if r.inputs is None else layout_error(k, r.input_shape, batch, self.batch_dim)
+            if problem is not None:
                 raise ValueError(
-                    f"`per_example_loss` has {batch} entries but tracked layer {k} saw inputs of shape "
-                    f"{tuple(r.inputs.shape)}; Received: loss shape {tuple(per_example_loss.shape)}."
+                    f"`per_example_loss` has {batch} entries but {problem}; Received: loss shape "
+                    f"{tuple(per_example_loss.shape)}."
                 )
 
     def _output_grads(self, per_example_loss: torch.Tensor, *, retain_graph: bool) -> list[torch.Tensor]:
-        present = [r.output for r in self._records if r.output is not None]
+        present = [r for r in self._records if r.output is not None]
         # One backward from the summed loss: exact per example, since each loss depends only
         # on its own outputs (unless something mixes examples: see the batch-norm check).
+        # The gradient is taken at each output's edge as the layer made it, so an in-place op
+        # after the layer (nn.ReLU(inplace=True)) does not shift it.
         grads = torch.autograd.grad(
-            per_example_loss.sum(), present, retain_graph=retain_graph, allow_unused=True
+            per_example_loss.sum(),
+            [r.edge for r in present if r.edge is not None],
+            retain_graph=retain_graph,
+            allow_unused=True,
         )
         if all(g is None for g in grads):
             raise RuntimeError(
@@ -287,10 +285,11 @@ class GradTail:
                 "create GradTail first (it keeps the tracked layers eager), or compile only the layers "
                 "before the tracked ones."
             )
-        return [torch.zeros_like(out) if g is None else g for out, g in zip(present, grads, strict=True)]
+        out = [torch.zeros_like(r.output) if g is None else g for r, g in zip(present, grads, strict=True)]
+        return [g.transpose(0, 1) if r.seq_first else g for r, g in zip(present, out, strict=True)]
 
     def _check_mixing(self, per_example_loss: torch.Tensor) -> None:
-        tracked = {r.output.grad_fn for r in self._records if r.output is not None}
+        tracked = {r.node for r in self._records if r.output is not None}
         if inspect_graph(per_example_loss, tracked).mixing_batchnorm:
             warnings.warn(
                 "A train-mode BatchNorm lies between the loss and a tracked nn.Linear: its output "
@@ -386,7 +385,10 @@ class GradTail:
         When every tensor the loss needs a gradient for lives in the tracked layers, the
         gradient of ``mean_i(w_i L_i)`` is assembled from the stored inputs and output
         gradients (``sum_i w_i d_i a_i^T / B``, the book-keeping trick of Bu et al., 2022),
-        so the network is differentiated once. Otherwise it runs one weighted backward.
+        so the network is differentiated once. That path is taken only when the autograd
+        graph proves it exact: the loss reaches no other trainable tensor, and no tracked
+        parameter is used outside its layer's forward (a tied embedding is such a use).
+        Otherwise it runs one weighted backward.
         Either way ``.grad`` is accumulated exactly as ``(w * loss).mean().backward()``.
 
         Parameters
@@ -411,10 +413,7 @@ class GradTail:
         """
         self._check_loss(per_example_loss)
         rows = self._rows(index)
-        tracked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
-        tracked = {r.output.grad_fn for r in self._records if r.output is not None}
-        facts = inspect_graph(per_example_loss, tracked)
-        book_keeping = facts.leaves <= tracked_params and not (
+        book_keeping = self._book_keeping_exact(per_example_loss) and not (
             self.sync_distributed and _distributed_active()
         )  # under DDP the weighted backward lets DDP's reducer average the gradients
         weights, layers = self._step(per_example_loss, retain_graph=not book_keeping, index=rows)
@@ -425,13 +424,28 @@ class GradTail:
         with torch.no_grad():
             coef = weights.detach()
             for layer, (inputs, grads) in zip(self.layers, layers, strict=True):
-                bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
+                bias = bias_of(layer)
+                bias = bias if bias is not None and bias.requires_grad else None
                 gw, gb = linear_mean_grad(inputs, grads, bias=bias is not None, example_weights=coef)
-                if layer.weight.requires_grad:
-                    _accumulate(layer.weight, gw)
+                if weight_of(layer).requires_grad:
+                    _accumulate(weight_of(layer), grad_layout(layer, gw))
                 if bias is not None and gb is not None:
                     _accumulate(bias, gb)
         return weights
+
+    def _book_keeping_exact(self, per_example_loss: torch.Tensor) -> bool:
+        """Whether ``sum_i w_i d_i a_i^T / B`` per tracked layer is the whole weighted gradient.
+
+        It is when every leaf the loss reaches is a tracked layer's parameter and no path from
+        the loss reaches one without going through a tracked layer's output (a tied embedding,
+        a functional use of the weight, a second use under another name would).
+        """
+        tracked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
+        nodes = {r.node for r in self._records if r.output is not None}
+        if not inspect_graph(per_example_loss, nodes).leaves <= tracked_params:
+            return False
+        layers = [(r.node, r.input_node) for r in self._records if r.output is not None]
+        return not used_outside_layers(per_example_loss, layers)
 
     # ----------------------------------------------------------------------------- state
     def memory_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,24 +507,6 @@ class GradTail:
         >>> gt.load_state_dict(gt.state_dict())
         """
         self._state, self.config = state_from_dict(state_dict, like=self._state, config=self.config)
-
-
-class _EagerLayers:
-    """Keeps modules out of torch.compile (a graph break around each), reversibly."""
-
-    def __init__(self, layers: list[nn.Linear]) -> None:
-        self._saved = []
-        for layer in layers:
-            self._saved.append((layer, layer.__dict__.get("forward")))
-            layer.forward = torch.compiler.disable(layer.forward)  # type: ignore[method-assign,no-untyped-call]
-
-    def restore(self) -> None:
-        for layer, original in self._saved:
-            if original is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = original  # type: ignore[method-assign]
-        self._saved = []
 
 
 def _flat(mean: Any) -> list[Any]:
