@@ -45,6 +45,16 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(REPO))
 
 from benchmarks import _meta  # noqa: E402
+from benchmarks._render import (  # noqa: E402
+    TIMES,
+    fmt_bytes,
+    fmt_check,
+    fmt_ratio,
+    fmt_seconds,
+    fmt_target,
+    machine_line,
+    table,
+)
 from gradtail_ops import alignment, linear_alignment  # noqa: E402
 
 BENCHMARK = "core_ops"
@@ -741,6 +751,173 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = _meta.write_json(Path.cwd() / opts.out, doc)
     _meta.print_closing(doc, out, load_before, load_after)
     return 0
+
+
+# ----------------------------------------------------- render: results/core_ops.json
+
+
+def _check(entry: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in entry["checks"] if c["name"] == name)
+
+
+def _header_target(entries: list[dict[str, Any]], name: str) -> str:
+    return fmt_target(_check(entries[0], name)["target"]) if entries else ""
+
+
+def render(doc: dict[str, Any]) -> str:
+    results = doc["results"]
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_case.setdefault(r["case"], []).append(r)
+    checks = [c for r in results for c in r["checks"]]
+    passed = sum(c["passed"] is True for c in checks)
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (tiny shapes): the targets are meant for the full shapes.", ""]
+    noisy = sum(bool(c.get("noise_bound")) for c in checks)
+    line = f"**{passed} of {len(checks)} targets pass** (verdict on the ratio of medians)."
+    if noisy:
+        line += (
+            f" {noisy} verdict(s) are noise-bound: the ratio of the fastest repeats or the median "
+            "of per-round ratios lands on the other side of the target."
+        )
+    out.append(line)
+    failed = [
+        f"{r['backend']} {r['case']} {_shape_text(r)}: {c['name']} {fmt_ratio(c['value'])} "
+        f"(target {fmt_target(c['target'])}){' (noise-bound)' if c.get('noise_bound') else ''}"
+        for r in results
+        for c in r["checks"]
+        if c["passed"] is False
+    ]
+    if failed:
+        out += ["", "Failing:", ""] + [f"- {f}" for f in failed]
+    skipped = doc.get("skipped_backends") or {}
+    if skipped:
+        out += ["", "Skipped backends: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())]
+
+    head = by_case.get("head_2d", [])
+    if head:
+        out += [
+            "",
+            "### 2-D head: `linear_alignment` vs. materialised per-example gradients + `alignment`",
+            "",
+            table(
+                [
+                    "backend",
+                    "B",
+                    "d_in → d_out",
+                    "factored",
+                    "materialised",
+                    f"speedup (target {_header_target(head, 'speedup')})",
+                    "factored peak",
+                    "materialised peak",
+                    f"memory ratio (target {_header_target(head, 'memory_ratio')})",
+                    "RSS peak Δ fact. / mat.",
+                    "max abs diff",
+                ],
+                (
+                    [
+                        r["backend"],
+                        r["shapes"]["B"],
+                        f"{r['shapes']['d_in']} → {r['shapes']['d_out']}",
+                        fmt_seconds(r["variants"]["factored"]["seconds"]),
+                        fmt_seconds(r["variants"]["materialize"]["seconds"]),
+                        fmt_check(_check(r, "speedup")),
+                        fmt_bytes(r["variants"]["factored"].get("peak_bytes")),
+                        fmt_bytes(r["variants"]["materialize"].get("peak_bytes")),
+                        fmt_check(_check(r, "memory_ratio")),
+                        f"{fmt_bytes(r['variants']['factored'].get('rss_peak_delta_bytes'))} / "
+                        f"{fmt_bytes(r['variants']['materialize'].get('rss_peak_delta_bytes'))}",
+                        f"{r.get('max_abs_diff', float('nan')):.1e}",
+                    ]
+                    for r in head
+                ),
+            ),
+        ]
+
+    seq = by_case.get("sequence", [])
+    if seq:
+        out += [
+            "",
+            '### Sequence head: `linear_alignment(method="ghost" | "materialize" | "auto")`',
+            "",
+            table(
+                [
+                    "backend",
+                    f"B {TIMES} T",
+                    "d_in → d_out",
+                    "ghost",
+                    "materialize",
+                    "auto (picks)",
+                    "faster",
+                    f"auto / faster (target {_header_target(seq, 'auto_vs_best')})",
+                    "peak ghost / mat.",
+                    "max abs diff",
+                ],
+                (
+                    [
+                        r["backend"],
+                        f"{r['shapes']['B']} {TIMES} {r['shapes']['T']}",
+                        f"{r['shapes']['d_in']} → {r['shapes']['d_out']}",
+                        fmt_seconds(r["variants"]["ghost"]["seconds"]),
+                        fmt_seconds(r["variants"]["materialize"]["seconds"]),
+                        f"{fmt_seconds(r['variants']['auto']['seconds'])} ({r.get('auto_choice') or '?'})",
+                        r.get("best", "?"),
+                        fmt_check(_check(r, "auto_vs_best")),
+                        f"{fmt_bytes(r['variants']['ghost'].get('peak_bytes'))} / "
+                        f"{fmt_bytes(r['variants']['materialize'].get('peak_bytes'))}",
+                        f"{r.get('max_abs_diff', float('nan')):.1e}",
+                    ]
+                    for r in seq
+                ),
+            ),
+        ]
+
+    dense = by_case.get("dense", [])
+    if dense:
+        out += [
+            "",
+            "### Dense: `alignment(X, v)` vs. the floor `X @ v` + row norms",
+            "",
+            table(
+                [
+                    "backend",
+                    f"B {TIMES} N",
+                    "alignment",
+                    "floor",
+                    f"alignment / floor (target {_header_target(dense, 'vs_floor')})",
+                    "`X @ v` alone",
+                    "`xp.vecdot(X, X)` alone",
+                    "native row norms alone",
+                ],
+                (
+                    [
+                        r["backend"],
+                        f"{r['shapes']['B']} {TIMES} {r['shapes']['N']}",
+                        fmt_seconds(r["variants"]["alignment"]["seconds"]),
+                        fmt_seconds(r["variants"]["floor"]["seconds"]),
+                        fmt_check(_check(r, "vs_floor")),
+                        fmt_seconds(r.get("components", {}).get("matvec", {}).get("seconds")),
+                        fmt_seconds(r.get("components", {}).get("xp_vecdot_rows", {}).get("seconds")),
+                        fmt_seconds(r.get("components", {}).get("native_row_norms", {}).get("seconds")),
+                    ]
+                    for r in dense
+                ),
+            ),
+        ]
+
+    method = doc.get("method", {})
+    out += ["", "<details><summary>How this was measured</summary>", ""]
+    if method.get("timing"):
+        out += [f"- Timing: {method['timing']}"]
+    for backend, text in method.get("memory", {}).items():
+        out += [f"- Memory ({backend}): {text}"]
+    out += ["", "</details>"]
+    return "\n".join(out)
+
+
+def _shape_text(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["shapes"].items())
 
 
 if __name__ == "__main__":

@@ -84,10 +84,16 @@ from torch import nn  # noqa: E402
 
 import gradtail_ops  # noqa: E402
 from benchmarks import _meta  # noqa: E402
+from benchmarks._render import (  # noqa: E402
+    fmt_bytes,
+    fmt_ratio,
+    fmt_seconds,
+    machine_line,
+    table,
+)
 from gradtail_ops import (  # noqa: E402
     DEFAULT_CURVE,
     DEFAULT_DECAY,
-    EMAState,
     ema_init,
     inverse_norms,
     linear_dots_and_sq_norms,
@@ -95,7 +101,7 @@ from gradtail_ops import (  # noqa: E402
     score_and_update,
     weighted_batch_mean,
 )
-from gradtail_ops._tree import leaves, map_leaves  # noqa: E402
+from gradtail_ops._tree import leaves  # noqa: E402
 from gradtail_torch import GradTail  # noqa: E402
 
 BENCHMARK = "torch_overhead"
@@ -114,13 +120,8 @@ VARIANTS = (
     "gt_all_weights",
     "func_head",
     "opacus_all",
-    "gt_head_fastema",
-    "gt_all_backward_fastema",
 )
 GT_VARIANTS = ("gt_head", "gt_all_backward", "gt_all_weights")
-# Benchmark-side prototypes of a fix (gradtail_ops.step.ema_update swapped for `fast_ema_update`
-# during their steps); no target applies to them.
-PROTO_VARIANTS = ("gt_head_fastema", "gt_all_backward_fastema")
 VARIANT_TEXT = {
     "plain": "plain step, mean cross-entropy",
     "gt_head": "GradTail(head): gt.weights(loss), (w * loss).mean().backward()",
@@ -128,8 +129,6 @@ VARIANT_TEXT = {
     "gt_all_weights": "GradTail(model), every nn.Linear: gt.weights(loss) + weighted backward",
     "func_head": "torch.func vmap(grad) per-example head gradients + score_and_update + weighted backward",
     "opacus_all": "Opacus GradSampleModule (whole model) + score_and_update + weighted mean .grad",
-    "gt_head_fastema": "gt_head with the prototype fast_ema_update (benchmark-side patch)",
-    "gt_all_backward_fastema": "gt_all_backward with the prototype fast_ema_update (benchmark-side patch)",
 }
 
 TARGETS = {
@@ -267,12 +266,6 @@ class Step:
         elif variant == "gt_all_weights":
             self.gt = GradTail(self.model)
             self.step = self._gt_weights
-        elif variant == "gt_head_fastema":
-            self.gt = GradTail(self.head)
-            self.step = with_fast_ema(self._gt_weights)
-        elif variant == "gt_all_backward_fastema":
-            self.gt = GradTail(self.model)
-            self.step = with_fast_ema(self._gt_backward)
         elif variant == "func_head":
             self.state = ema_init([self.head.weight.detach(), self.head.bias.detach()])
             self.step = self._func_head
@@ -355,64 +348,6 @@ class Step:
         if state is not None:
             total += sum(t.numel() * t.element_size() for t in leaves(state.mean))
         return total
-
-
-def fast_ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | torch.Tensor) -> EMAState:
-    """Prototype of a cheaper ``gradtail_ops.ema_update`` for torch (same results, new tensors).
-
-    The package's version makes ~10 full passes over every reference-sized array per step
-    (isfinite = eq + abs + ne, all, sub, mul, add, two wheres), each into a fresh buffer.
-    Here: one ``sum`` per leaf decides finiteness (a finite sum implies finite entries; only a
-    non-finite sum, i.e. a non-finite entry or an overflow, falls back to the exact
-    elementwise test), and one ``torch.lerp`` per leaf moves the mean.
-    """
-    old, new = leaves(state.mean), leaves(batch_mean_grad)
-    dtype = state.total.dtype
-    sums = torch.stack([g.sum(dtype=dtype) for g in new])
-    finite = bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(g).all()) for g in new)
-    if not finite:
-        return state
-    d = torch.as_tensor(decay, dtype=dtype).clamp(0.0, 1.0)
-    total = d * state.total + (1.0 - d)
-    rate = float((1.0 - d) / total) if float(total) > 0 else 0.0
-    moved = [
-        g.to(dtype, copy=True) if rate == 1.0 else torch.lerp(m, g.to(dtype), rate)
-        for m, g in zip(old, new, strict=True)
-    ]
-    it = iter(moved)
-    mean = map_leaves(lambda _m: next(it), state.mean)
-    return EMAState(mean=mean, total=total, count=state.count + 1)
-
-
-def with_fast_ema(
-    step: Callable[[torch.Tensor, torch.Tensor], Any],
-) -> Callable[[torch.Tensor, torch.Tensor], Any]:
-    import gradtail_ops.step as step_mod
-
-    def patched(x: torch.Tensor, y: torch.Tensor) -> Any:
-        original = step_mod.ema_update
-        step_mod.ema_update = fast_ema_update
-        try:
-            return step(x, y)
-        finally:
-            step_mod.ema_update = original
-
-    return patched
-
-
-def fast_ema_agreement(head_width: int, batch: int, opts: argparse.Namespace) -> float:
-    """Max |difference| of the reference states after 3 identical steps, package vs. prototype."""
-    x, y = make_batch(batch, opts.seed)
-    a, b = (
-        Step("gt_all_backward", head_width, opts.seed, 0.0),
-        Step("gt_all_backward_fastema", head_width, opts.seed, 0.0),
-    )
-    for _ in range(3):
-        a.step(x, y)
-        b.step(x, y)
-    sa, sb = a.gt.state, b.gt.state  # type: ignore[union-attr]
-    diffs = [float((u - v).abs().max()) for u, v in zip(leaves(sa.mean), leaves(sb.mean), strict=True)]
-    return max([*diffs, float((sa.total - sb.total).abs()), float((sa.count - sb.count).abs())])
 
 
 class HeadKernel:
@@ -776,31 +711,7 @@ def profile_breakdown(head_width: int, batch: int, opts: argparse.Namespace) -> 
             gt_label = "gt.backward" if v == "gt_all_backward" else "gt.weights"
             entry["profiler_top_ops"] = top_ops_under(prof, gt_label, k)
         result["variants"][v] = entry
-    result["ema_update_ms"] = ema_comparison(steps["gt_head"], steps["gt_all_backward"])
     return result
-
-
-def ema_comparison(head: Step, every: Step, repeats: int = 7) -> dict[str, dict[str, float]]:
-    """``ema_update`` (package) vs. ``fast_ema_update`` (prototype) alone, on the real states."""
-    from gradtail_ops import ema_update
-
-    out = {}
-    for name, s in (("head", head), ("all_linears", every)):
-        assert s.gt is not None
-        state = s.gt.state
-        batch = state.mean  # any reference of the right structure
-        row = {}
-        for label, fn in (("package", ema_update), ("prototype", fast_ema_update)):
-            fn(state, batch, decay=DEFAULT_DECAY)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn(state, batch, decay=DEFAULT_DECAY)
-                times.append(time.perf_counter() - start)
-            row[label] = 1e3 * statistics.median(times)
-        row["reference_floats"] = float(sum(t.numel() for t in leaves(state.mean)))
-        out[name] = row
-    return out
 
 
 def top_ops_under(prof: Any, label: str, steps: int, limit: int = 12) -> list[dict[str, Any]]:
@@ -934,8 +845,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--variants",
-        default=",".join(v for v in VARIANTS if v not in PROTO_VARIANTS),
-        help="comma-separated subset of " + ",".join(VARIANTS) + " (the *_fastema prototypes are opt-in)",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of " + ",".join(VARIANTS),
     )
     p.add_argument(
         "--repeats", type=int, default=None, help="timed rounds per (head, B) (default 11; quick 3)"
@@ -1136,8 +1047,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if {"gt_all_backward", "gt_all_weights"} <= set(runnable) and batch == min(opts.batches):
                 item: dict[str, Any] = {"head": head, "B": batch}
                 item["max_abs_grad_diff_bookkeeping_vs_weighted"] = grad_agreement(width, batch, opts)
-                if "gt_all_backward_fastema" in runnable:
-                    item["max_abs_state_diff_fast_ema_vs_package"] = fast_ema_agreement(width, batch, opts)
                 sanity.append(item)
             gc.collect()
     profiles = []
@@ -1211,6 +1120,224 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = _meta.write_json(Path.cwd() / opts.out, doc)
     _meta.print_closing(doc, out, load_before, load_after)
     return 0
+
+
+# ----------------------------------------------------- render: results/torch_overhead.json
+
+
+_TO_VARIANTS = (
+    ("plain", "plain"),
+    ("gt_head", "GradTail head"),
+    ("gt_all_backward", "GradTail all, `gt.backward`"),
+    ("gt_all_weights", "GradTail all, weights + backward"),
+    ("func_head", "torch.func head"),
+    ("opacus_all", "Opacus all"),
+)
+# Profile spans shown as columns (label in the JSON, column header).
+_TO_SPANS = (
+    ("forward", "forward"),
+    ("autograd.grad (output grads)", "`autograd.grad`"),
+    ("dots_and_sq_norms", "dots + norms"),
+    ("reference mean grad", "reference mean grad"),
+    ("ema_update", "`ema_update`"),
+    ("book-keeping grads", "book-keeping grads"),
+    ("weighted backward", "weighted backward"),
+    ("backward", "backward"),
+    ("optimizer", "SGD step"),
+)
+
+
+def _to_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return ""
+    if entry.get("skipped"):
+        return "skipped"
+    return f"{fmt_seconds(entry['seconds'])} ({fmt_ratio(entry['ratio_to_plain'])})"
+
+
+def _to_mem_cell(entry: dict[str, Any] | None, plain: dict[str, Any] | None = None) -> str:
+    if entry is None:
+        return ""
+    if entry.get("skipped"):
+        return "skipped"
+    mem = entry.get("memory") or {}
+    if mem.get("error"):
+        return "error"
+    if entry.get("peak_bytes") is None:
+        return "n/a"
+    cell = f"{fmt_bytes(entry['peak_bytes'])} ({fmt_ratio(entry.get('peak_ratio_to_plain'))})"
+    state = mem.get("persistent_bytes", 0) - ((plain or {}).get("memory") or {}).get("persistent_bytes", 0)
+    if plain is not None and plain is not entry and state > 0:
+        cell += f", state {fmt_bytes(state)}"
+    if entry.get("rss_peak_ratio_to_plain") is not None:
+        cell += f" / RSS {fmt_ratio(entry['rss_peak_ratio_to_plain'])}"
+    return cell
+
+
+def render(doc: dict[str, Any]) -> str:
+    results = doc["results"]
+    index = {(r["head"], r["B"], r["variant"]): r for r in results}
+    configs = list(dict.fromkeys((r["head"], r["B"]) for r in results))
+    present = {r["variant"] for r in results}
+    variants = [(k, t) for k, t in _TO_VARIANTS if k in present]
+    kernels = {(k["head"], k["B"]): k for k in doc.get("kernel", [])}
+    checks = [(r, c) for r in results for c in r["checks"]]
+    passed = sum(c["passed"] is True for _, c in checks)
+
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (B=64 only, few repeats): the targets are meant for the full run.", ""]
+    source = doc.get("machine", {}).get("source") or {}
+    if source.get("consistent") is False:
+        out += ["> **Warning:** the memory subprocesses imported other package sources; rerun.", ""]
+    elif source.get("measured_is_working_tree_at_end") is False:
+        out += [
+            "> Note: the package changed in the working tree during this run; it measured the "
+            f"sources as they were at its start (hash {source.get('measured_hash')}).",
+            "",
+        ]
+    model = doc.get("model", {})
+    heads = ", ".join(f"{h} ({v['params']:,} parameters in all)" for h, v in model.get("heads", {}).items())
+    out += [
+        f"Model: {model.get('layers', '?')}; heads {heads}. One step = zero_grad, forward, loss, "
+        "backward, SGD step. Opacus: " + (doc.get("opacus", {}).get("info") or "n/a") + ".",
+        "",
+        f"**{passed} of {len(checks)} targets pass.**",
+        "",
+        table(
+            ["target", "where", "measured", "result"],
+            (
+                [
+                    c["target"]["text"],
+                    f"{r['head']}, B={r['B']}, {r['variant']}",
+                    fmt_ratio(c["value"]),
+                    {True: "pass", False: "**FAIL**", None: "n/a"}[c["passed"]],
+                ]
+                for r, c in checks
+            ),
+        ),
+    ]
+
+    out += [
+        "",
+        "### Step time (median; ratio to the plain step)",
+        "",
+        table(
+            ["head", "B", *(t for _, t in variants), "head kernel", "GradTail head: extra / kernel"],
+            (
+                [
+                    h,
+                    b,
+                    *(_to_cell(index.get((h, b, k))) for k, _ in variants),
+                    fmt_seconds(kernels.get((h, b), {}).get("seconds")),
+                    fmt_ratio(index.get((h, b, "gt_head"), {}).get("extra_over_kernel")),
+                ]
+                for h, b in configs
+            ),
+        ),
+    ]
+    if any(r.get("memory") for r in results):
+        out += [
+            "",
+            "### Peak memory of a step",
+            "",
+            "Peak live tensor bytes (ratio to plain; of which the reference state kept between steps) / "
+            "ratio of the RSS cross-check.",
+            "",
+            table(
+                ["head", "B", *(t for _, t in variants)],
+                (
+                    [
+                        h,
+                        b,
+                        *(
+                            _to_mem_cell(index.get((h, b, k)), index.get((h, b, "plain")))
+                            for k, _ in variants
+                        ),
+                    ]
+                    for h, b in configs
+                ),
+            ),
+        ]
+
+    for prof in doc.get("profile", []):
+        pv = prof["variants"]
+        spans = [(k, t) for k, t in _TO_SPANS if any(k in v["spans_ms"] for v in pv.values())]
+        out += [
+            "",
+            f"### Where the time goes: head {prof['head']}, B={prof['B']} (ms per step, mean of "
+            f"{prof['steps']} steps)",
+            "",
+            table(
+                ["variant", "step", *(t for _, t in spans), "other GradTail (Python, checks, small ops)"],
+                (
+                    [
+                        v,
+                        f"{e['spans_ms'].get('step', float('nan')):.1f}",
+                        *(f"{e['spans_ms'][k]:.1f}" if k in e["spans_ms"] else "" for k, _ in spans),
+                        _other_gradtail_ms(e),
+                    ]
+                    for v, e in pv.items()
+                ),
+            ),
+        ]
+        # Written by runs before the EMA prototype was removed (the committed JSON has it);
+        # rendered while such a file is the current result.
+        ema = prof.get("ema_update_ms")
+        if ema:
+            out += [
+                "",
+                "`ema_update` alone on the real reference state (ms): "
+                + "; ".join(
+                    f"{name} ({r['reference_floats']:,.0f} floats): package {r['package']:.2f}, "
+                    f"prototype {r['prototype']:.2f} ({fmt_ratio(r['package'] / r['prototype'])} faster)"
+                    for name, r in ema.items()
+                )
+                + ".",
+            ]
+        tops = [(v, e["profiler_top_ops"]) for v, e in pv.items() if e.get("profiler_top_ops")]
+        if tops:
+            out += ["", "Top ops inside GradTail's call (torch.profiler self CPU, ms per step):", ""]
+            out += [
+                f"- {v}: " + ", ".join(f"`{o['op']}` {o['self_ms_per_step']:.1f}" for o in ops[:6])
+                for v, ops in tops
+            ]
+
+    sanity = doc.get("sanity") or []
+    if sanity:
+        out += [""] + [
+            f"Check ({s['head']}, B={s['B']}): max |.grad| difference, `gt.backward` book-keeping vs. "
+            f"weights + weighted backward: {s['max_abs_grad_diff_bookkeeping_vs_weighted']:.1e}" + "."
+            for s in sanity
+        ]
+
+    method = doc.get("method", {})
+    out += ["", "<details><summary>How this was measured</summary>", ""]
+    if method.get("timing"):
+        out += [f"- Timing: {method['timing']}"]
+    if method.get("kernel"):
+        out += [f"- Head kernel: {method['kernel']}"]
+    for key, text in (method.get("memory") or {}).items():
+        out += [f"- Memory, `{key}`: {text}"]
+    if method.get("profile"):
+        out += [f"- Profile: {method['profile']}"]
+    for key, text in (doc.get("variants") or {}).items():
+        out += [f"- `{key}`: {text}"]
+    out += ["", "</details>"]
+    return "\n".join(out)
+
+
+def _other_gradtail_ms(entry: dict[str, Any]) -> str:
+    """GradTail's time outside the spans shown as columns: its self times and the small parts."""
+    spans, selfs = entry["spans_ms"], entry.get("self_ms", {})
+    if "gt.weights" not in spans and "gt.backward" not in spans:
+        return ""
+    small = ("check_loss", "inspect_graph", "inverse_norms", "cosine", "weight curve")
+    total = sum(spans.get(k, 0.0) for k in small)
+    total += sum(
+        v for k, v in selfs.items() if k in ("gt.weights", "gt.backward", "_step", "linear_score_and_update")
+    )
+    return f"{total:.2f}"
 
 
 if __name__ == "__main__":

@@ -46,6 +46,13 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import _meta
+from .._render import (
+    delta_cells,
+    machine_line,
+    pm,
+    seeds_text,
+    table,
+)
 from .datasets import DATASETS, SplitData, load_dataset
 from .metrics import GROUPS, class_accuracies, group_means, mean_std
 
@@ -510,6 +517,108 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary(doc))
     print(f"{doc['wall_seconds']:.0f} s; JSON: {args.out}")
     return 0
+
+
+# ----------------------------------------------------- render: results/longtail_keras.json
+
+
+def render(doc: dict[str, Any]) -> str:
+    """Keras ``model.fit`` with and without GradTailCallback on long-tailed data (paired Δ vs. uniform)."""
+    cfg = doc.get("config", {})
+    versions = doc.get("machine", {}).get("versions", {})
+    methods = doc.get("methods", {})
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (one seed, few epochs): not evidence.", ""]
+    epochs = ", ".join(f"{k} {v}" for k, v in cfg.get("epochs", {}).items())
+    out += [
+        f"Keras {versions.get('keras', '?')}, backend `{cfg.get('backend', '?')}`; seeds "
+        f"{seeds_text(cfg.get('seeds', []))}; {cfg.get('model', '?')}, {cfg.get('loss', '?')}, "
+        f"{cfg.get('optimizer', '?')}, batch {cfg.get('batch_size', '?')}; epochs {epochs}. GradTail: "
+        f"{cfg.get('gradtail', '?')}. Pairing: {cfg.get('pairing', '?')}. "
+        f"Metrics: {cfg.get('metrics', '?')}. "
+        f"Timing: {cfg.get('timing', '?')}. Methods marked † use the training class counts.",
+    ]
+    for dataset, info in doc.get("datasets", {}).items():
+        aggs = [a for a in doc.get("aggregates", []) if a["dataset"] == dataset]
+        counts = info.get("counts", [])
+        out += [
+            "",
+            f"### {info.get('name', dataset)}: Keras `model.fit`, paired Δ vs. uniform",
+            "",
+            f"{info.get('n_train', 0):,} training examples (class counts {min(counts, default=0)} to "
+            f"{max(counts, default=0)}), balanced validation {info.get('n_val', 0):,} / test "
+            f"{info.get('n_test', 0):,}; {info.get('epochs', '?')} epochs.",
+            "",
+        ]
+        rows = []
+        for agg in aggs:
+            t = agg["test"]
+            d_bal, e_bal = delta_cells(agg, "balanced")
+            d_late, e_late = delta_cells(agg, "late")
+            d_fin, e_fin = delta_cells(agg, "final")
+            d_few, _ = delta_cells(agg, "few", 1)
+            rows.append(
+                [
+                    methods.get(agg["method"], {}).get("label", agg["method"]),
+                    pm(t["balanced"]),
+                    d_bal,
+                    e_bal,
+                    pm(t["late"]),
+                    d_late,
+                    e_late,
+                    d_fin,
+                    e_fin,
+                    pm(t["many"]),
+                    pm(t["medium"]),
+                    pm(t["few"]),
+                    d_few,
+                    pm(agg["val"]),
+                    f"{pm(agg['seconds_per_epoch'], 3)} ({pm(agg['first_epoch_seconds'], 1)})",
+                ]
+            )
+        out.append(
+            table(
+                [
+                    "method",
+                    "balanced acc.",
+                    "Δ balanced (pp)",
+                    "every seed",
+                    "late mean",
+                    "Δ late mean (pp)",
+                    "every seed (late)",
+                    "Δ final (pp)",
+                    "every seed (final)",
+                    "many",
+                    "medium",
+                    "few",
+                    "Δ few (pp)",
+                    "val. balanced acc.",
+                    "s / epoch (first epoch)",
+                ],
+                rows,
+            )
+        )
+        for agg in aggs:
+            logs = agg.get("gradtail_logs") or {}
+            if logs:
+                out += [
+                    "",
+                    "GradTailCallback's logs in the last epoch (mean over seeds): "
+                    + ", ".join(f"`{k}` {pm(v, 3)}" for k, v in logs.items())
+                    + f"; selected epoch {pm(agg['selected_epoch'], 1)} of {info.get('epochs', '?')}.",
+                ]
+    out += [
+        "",
+        "Balanced accuracy and many / medium / few at the **selected epoch** (per run, the epoch of best "
+        "validation balanced accuracy); *late mean* over the last 25% of epochs; *final* after the last "
+        'epoch. Δ = paired difference to uniform of the same seed, in percentage points; "every seed" = '
+        "Δ > 0 for every seed (n positive / n seeds).",
+        "",
+        f"Regenerate: `{doc.get('command', 'python -m benchmarks.longtail.keras_suite')}`, then "
+        "`.venv/bin/python benchmarks/render_tables.py`.",
+    ]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ import torch
 from tqdm import tqdm
 
 from .. import _meta
+from .._render import (
+    doc_link,
+    machine_line,
+    measured_end,
+    pm,
+    run_notes,
+    table,
+    tail_detection_table,
+    weight_table,
+)
 from .analysis import aggregate_tail_detection, window_auroc
 from .metrics import GROUPS, mean_std
 from .regression_data import EDGE_QUANTILE, N_BINS, SPECS, SPLIT_SEED, RegressionData, load_regression
@@ -677,6 +687,156 @@ def summary(doc: dict[str, Any]) -> str:
         value = "n/a" if c["value"] is None else f"{c['value']:+.4f}"
         lines.append(f"[{verdict}] {c['name']}: {value} ({c['detail']})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------- render: results/longtail_regression.json
+
+
+def _better(delta: dict[str, Any] | None, n_seeds: int) -> str:
+    """``yes (k/n)`` when the paired Δ MAE is below 0 for every seed (lower MAE is better)."""
+    if not delta or delta.get("mean") is None:
+        return ""
+    word = "**yes**" if delta["every_seed_better"] else "no"
+    return f"{word} ({delta['n_better']}/{n_seeds})"
+
+
+def _reg_delta(agg: dict[str, Any], key: str, base: str = "delta_vs_uniform") -> tuple[str, str]:
+    """Paired Δ MAE (mean ± std) of ``key`` and its every-seed verdict; dashes for the base."""
+    delta = (agg.get(base) or {}).get(key)
+    if agg["method"] == ("uniform" if base == "delta_vs_uniform" else "lds") or not delta:
+        return "—", ""
+    return pm(delta, 4, signed=True), _better(delta, agg["n_seeds"])
+
+
+def render(doc: dict[str, Any]) -> str:
+    cfg = doc.get("config", {})
+    methods = doc.get("methods", {})
+    aggs = doc["aggregates"]
+    seeds = cfg.get("seeds", [])
+
+    def label(name: str) -> str:
+        meta = methods.get(name, {})
+        return meta.get("label", name) + (" †" if meta.get("uses_targets") else "")
+
+    out = [machine_line(doc), "", *run_notes(doc)]
+    out += [
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(str(s) for s in seeds)}); "
+        f"{cfg.get('model', '?')}, {cfg.get('optimizer', '?')}, batch {cfg.get('batch_size', '?')}, "
+        f"{cfg.get('loss', '?')}; epochs "
+        + ", ".join(f"{d} {e}" for d, e in cfg.get("epochs", {}).items())
+        + f"; warm-up {cfg.get('warmup_epochs', 1):g} epoch(s) for GradTail and loss rank. MAE of the log "
+        "target on the test set after the last epoch; *balanced* = mean of the 10 per-bin MAEs; "
+        "many/medium/few = mean over the bins of the group; *late* = mean balanced MAE over the last 25% "
+        "of epochs; Δ = paired difference to uniform (or LDS) of the same seed, **negative is better**; "
+        '"every seed" = Δ < 0 for every seed. † uses the training targets\' distribution.',
+        "",
+    ]
+    for dataset, info in doc.get("datasets", {}).items():
+        rows = [a for a in aggs if a["dataset"] == dataset]
+        tail = (
+            f", bins thinned to an exponential profile (r={info['imbalance']:g})"
+            if info.get("imbalance")
+            else ""
+        )
+        out += [
+            f"### {info['name']}: MAE by target-bin group and paired Δ vs. uniform",
+            "",
+            f"{info['source']}, target {info['target']}, {info['n_features']} features; "
+            f"{info['n_train']:,} training examples{tail}, per bin {info['counts']}; validation "
+            f"{info['n_val']:,} / test {info['n_test']:,} (test per bin {info['test_per_bin']}); "
+            f"{info['epochs']} epochs.",
+            "",
+            table(
+                [
+                    "method",
+                    "balanced MAE",
+                    "Δ balanced",
+                    "every seed",
+                    "Δ late",
+                    "every seed (late)",
+                    "many",
+                    "medium",
+                    "few",
+                    "Δ few",
+                    "every seed (few)",
+                    "Δ few vs. LDS",
+                    "val. balanced MAE",
+                    "s / epoch",
+                ],
+                (
+                    [
+                        label(a["method"]),
+                        pm(a["test"]["balanced_mae"], 4),
+                        *_reg_delta(a, "balanced_mae"),
+                        *_reg_delta(a, "late_balanced_mae"),
+                        pm(a["test"]["many"], 4),
+                        pm(a["test"]["medium"], 4),
+                        pm(a["test"]["few"], 4),
+                        *_reg_delta(a, "few"),
+                        _reg_delta(a, "few", "delta_vs_lds")[0],
+                        pm(a["val"]["balanced_mae"], 4),
+                        pm(a["seconds_per_epoch"], 2),
+                    ]
+                    for a in rows
+                ),
+            ),
+            "",
+        ]
+    td = cfg.get("tail_detection", {})
+    marks = [f"{m:g}" for m in td.get("marks", [])]
+    out += [
+        "### Tail detection: AUROC for the training examples of the few-shot bins",
+        "",
+        "All training examples of the steps in the last "
+        f"{100 * td.get('window', 0):g}% of training before the mark; GradTail's score is -alignment in "
+        "its own run, the squared error (before the step's update) is the baseline. 0.5 = chance; below "
+        "0.5 the score ranks the tail as *aligned*.",
+        "",
+        tail_detection_table(doc, marks, label, "squared error"),
+        "",
+    ]
+    if doc.get("checks"):
+        out += [
+            "### Targets",
+            "",
+            table(
+                ["target", "value (Δ MAE)", "verdict", "detail"],
+                (
+                    [
+                        c["name"],
+                        "n/a" if c["value"] is None else f"{c['value']:+.4f}",
+                        {True: "pass", False: "**FAIL**", None: "n/a"}[c["passed"]],
+                        c.get("detail", ""),
+                    ]
+                    for c in doc["checks"]
+                ),
+            ),
+            "",
+        ]
+    weighted = [a for a in aggs if a["method"] != "uniform" and a.get("weight_by_group")]
+    if weighted:
+        out += [
+            "<details><summary>Mean loss weight by bin group, after warm-up</summary>",
+            "",
+            weight_table(weighted, label),
+            "",
+            "</details>",
+            "",
+        ]
+    figures = doc.get("figures") or []
+    if figures:
+        out += ["### Figures", ""]
+        for path in figures:
+            caption = "Test MAE by target bin per method, and the paired Δ vs. uniform"
+            out += [f"![{caption}]({doc_link(path)})", "", f"*{caption} (`{path}`).*", ""]
+    out += ["<details><summary>How this was measured</summary>", ""]
+    for key in ("bins", "split", "metrics"):
+        if cfg.get(key):
+            out += [f"- {key.capitalize()}: {cfg[key]}."]
+    if td.get("text"):
+        out += [f"- Tail detection: {td['text']}."]
+    out += measured_end(doc, "python -m benchmarks.longtail.regression")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
