@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import sys
 import tempfile
@@ -111,9 +110,10 @@ TIMING_METHOD = (
     "time.perf_counter around one call; NumPy and torch CPU are synchronous, JAX calls the "
     "AOT-compiled jax.jit(fn).lower(*args).compile() executable and block_until_ready on its "
     "output (compile time reported separately). Each variant runs once to warm up, then the "
-    "compared variants of one case run interleaved (round robin, with a CPU-free pause of 10% "
-    "of each call, at most 0.3 s, after it) `repeats` times, fewer (never below 3) where the "
-    "rounds would exceed `budget_seconds`; seconds = median. Checks use the ratio of medians; "
+    "compared variants of one case run interleaved (round robin, the order rotated every round, "
+    "with a CPU-free pause of 10% of each call, at most 0.3 s, after it) `repeats` times, fewer "
+    "(never below 3) where the rounds would exceed `budget_seconds`; seconds = median. Checks "
+    "use the ratio of medians; "
     "each also records min_based (ratio of fastest repeats) and paired (median of per-round "
     "ratios), and noise_bound = true where those verdicts disagree."
 )
@@ -294,28 +294,14 @@ def make_backend(name: str) -> Backend:
 # --------------------------------------------------------------------------- measuring
 
 
-def _read_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def rss_peak_delta(prepared: Prepared) -> int | None:
     """Peak RSS growth during one call (Linux only; None where VmHWM cannot be reset)."""
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
+    if not _meta.reset_peak_rss():
         return None
-    before = _read_status_kib("VmRSS")
+    before = _meta.read_status_kib("VmRSS")
     out = prepared.call()
-    peak = _read_status_kib("VmHWM")
+    peak = _meta.read_status_kib("VmHWM")
     del out
     if before is None or peak is None:
         return None
@@ -332,50 +318,22 @@ def time_interleaved(
         start = time.perf_counter()
         outputs[name] = call()
         warm[name] = time.perf_counter() - start
-    per_round = sum(warm.values())
-    n = max(3, min(repeats, int(budget_s / per_round) if per_round > 0 else repeats))
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(n):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            out = call()
-            elapsed = time.perf_counter() - start
-            times[name].append(elapsed)
-            del out
-            # Let the allocator give back a big output/temporaries before the next variant
-            # starts (XLA frees a 2 GB temp after block_until_ready returns, which otherwise
-            # lands in the next, cheap, call's time). Sleeping costs no CPU.
-            time.sleep(min(0.3, 0.1 * elapsed))
-    return times, outputs
 
+    def run(name: str) -> float:
+        elapsed = _meta.timed(calls[name])
+        # Let the allocator give back a big output/temporaries before the next variant
+        # starts (XLA frees a 2 GB temp after block_until_ready returns, which otherwise
+        # lands in the next, cheap, call's time). Sleeping costs no CPU.
+        time.sleep(min(0.3, 0.1 * elapsed))
+        return elapsed
 
-def _passes(target: dict[str, Any], value: float | None) -> bool | None:
-    if value is None or not math.isfinite(value):
-        return None
-    if target["op"] == ">=":
-        return bool(value >= target["value"])
-    return bool(value <= target["value"])
+    rounds = _meta.rounds_for(sum(warm.values()), repeats, budget_s)
+    return _meta.round_robin(list(calls), rounds, run), outputs
 
 
 def check(key: str, value: float | None, **robust: float | None) -> dict[str, Any]:
-    """A target check on ``value`` (ratio of medians), plus noise-robust variants for reference.
-
-    ``robust`` holds e.g. ``min_based`` (ratio of the fastest repeats) and ``paired`` (median
-    over rounds of the per-round ratio); when their verdict differs the result is noise-bound.
-    """
-    target = TARGETS[key]
-    entry = {
-        "name": key.split(".", 1)[1],
-        "value": value,
-        "target": dict(target),
-        "passed": _passes(target, value),
-    }
-    for name, v in robust.items():
-        entry[name] = v
-        entry[f"{name}_passed"] = _passes(target, v)
-    verdicts = {entry["passed"], *(entry[f"{k}_passed"] for k in robust)}
-    entry["noise_bound"] = len(verdicts - {None}) > 1
-    return entry
+    """The check of target ``key`` on ``value`` and the noise-robust ``robust`` ratios."""
+    return _meta.target_check(key.split(".", 1)[1], TARGETS[key], value, **robust)
 
 
 def _ratios(variants: dict[str, dict[str, Any]], num: str, den: str) -> dict[str, float | None]:
@@ -383,16 +341,10 @@ def _ratios(variants: dict[str, dict[str, Any]], num: str, den: str) -> dict[str
     a, b = variants[num], variants[den]
     paired = [x / y for x, y in zip(a["seconds_all"], b["seconds_all"], strict=False) if y > 0]
     return {
-        "value": _ratio(a["seconds"], b["seconds"]),
-        "min_based": _ratio(a["seconds_min"], b["seconds_min"]),
+        "value": _meta.ratio(a["seconds"], b["seconds"]),
+        "min_based": _meta.ratio(a["seconds_min"], b["seconds_min"]),
         "paired": float(np.median(paired)) if paired else None,
     }
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None or den <= 0:
-        return None
-    return float(num) / float(den)
 
 
 def _max_abs_diff(backend: Backend, a: Any, b: Any) -> float:
@@ -476,7 +428,7 @@ def case_head_2d(backend: Backend, shape: tuple[int, ...], opts: argparse.Namesp
         "variants": variants,
         "checks": [
             check("head_2d.speedup", **_ratios(variants, "materialize", "factored")),
-            check("head_2d.memory_ratio", _ratio(mat.get("peak_bytes"), fac.get("peak_bytes"))),
+            check("head_2d.memory_ratio", _meta.ratio(mat.get("peak_bytes"), fac.get("peak_bytes"))),
         ],
         "max_abs_diff": _max_abs_diff(backend, outs["factored"], outs["materialize"]),
     }
@@ -531,7 +483,7 @@ def case_sequence(backend: Backend, shape: tuple[int, ...], opts: argparse.Names
         "checks": [
             check("sequence.auto_vs_best", **_ratios(variants, "auto", best_name)),
         ],
-        "ghost_vs_materialize": _ratio(variants["ghost"]["seconds"], variants["materialize"]["seconds"]),
+        "ghost_vs_materialize": _meta.ratio(variants["ghost"]["seconds"], variants["materialize"]["seconds"]),
         "max_abs_diff": max(
             _max_abs_diff(backend, outs["ghost"], outs["materialize"]),
             _max_abs_diff(backend, outs["auto"], outs["materialize"]),

@@ -246,25 +246,16 @@ def time_batch(batch: int, opts: argparse.Namespace) -> dict[str, Any]:
                 runs[v]["first_call_seconds"] = elapsed
         return elapsed
 
-    def interleave(names: list[str], rounds: int) -> dict[str, list[float]]:
-        times: dict[str, list[float]] = {v: [] for v in names}
-        for r in range(rounds):
-            gc.collect()
-            for v in names[r % len(names) :] + names[: r % len(names)]:
-                times[v].append(call(v))
-        return times
-
     close = [v for v in opts.variants if v != "transform"]
     for v in close:
         setup(v)
-    per_round = sum(warm_up(v) for v in close)
-    rounds = max(3, min(opts.repeats, int(opts.budget / per_round) if per_round > 0 else opts.repeats))
-    times = interleave(close, rounds)
+    rounds = _meta.rounds_for(sum(warm_up(v) for v in close), opts.repeats, opts.budget)
+    times = _meta.round_robin(close, rounds, call)
     plain_times = {v: times["plain"] for v in close}
     if "transform" in opts.variants:
         setup("transform")
         warm_up("transform")
-        phase2 = interleave(["plain", "transform"], max(1, opts.transform_repeats))
+        phase2 = _meta.round_robin(["plain", "transform"], max(1, opts.transform_repeats), call)
         times["transform"] = phase2["transform"]
         plain_times["transform"] = phase2["plain"]
     return {"times": times, "plain_times": plain_times, "runs": runs}
@@ -292,26 +283,9 @@ def agreement(batch: int, opts: argparse.Namespace) -> dict[str, Any]:
     return {"B": batch, "max_abs_param_diff_efficient_vs_transform": diff, "max_abs_weight_diff": wdiff}
 
 
-def _passes(target: dict[str, Any], value: float | None) -> bool | None:
-    if value is None:
-        return None
-    return bool(value >= target["value"]) if target["op"] == ">=" else bool(value <= target["value"])
-
-
 def check(key: str, value: float | None, min_based: float | None, paired: float | None) -> dict[str, Any]:
     """The verdict on the ratio of medians; noise-bound when a robust ratio lands on the other side."""
-    target = TARGETS[key]
-    passed = _passes(target, value)
-    others = {_passes(target, min_based), _passes(target, paired)} - {None}
-    return {
-        "name": key,
-        "value": value,
-        "target": dict(target),
-        "passed": passed,
-        "min_based": min_based,
-        "paired": paired,
-        "noise_bound": bool(others - {passed}),
-    }
+    return _meta.target_check(key, TARGETS[key], value, min_based=min_based, paired=paired)
 
 
 # --------------------------------------------------------------------------- machine

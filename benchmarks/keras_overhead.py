@@ -63,23 +63,9 @@ TIMING_METHOD = (
 )
 
 
-def _passes(value: float | None) -> bool | None:
-    return None if value is None else bool(value <= TARGET_VALUE)
-
-
 def check(value: float, min_based: float, paired: float) -> dict[str, Any]:
     """The verdict on the ratio of medians; noise-bound when a robust ratio lands on the other side."""
-    passed = _passes(value)
-    others = {_passes(min_based), _passes(paired)} - {None}
-    return {
-        "name": "epoch_ratio",
-        "value": value,
-        "target": dict(TARGET),
-        "passed": passed,
-        "min_based": min_based,
-        "paired": paired,
-        "noise_bound": bool(others - {passed}),
-    }
+    return _meta.target_check("epoch_ratio", TARGET, value, min_based=min_based, paired=paired)
 
 
 # ------------------------------------------------------------------------------ worker
@@ -135,11 +121,7 @@ def time_model(opts: argparse.Namespace, name: str, sizes: Sequence[int]) -> dic
 
     first = {variant: epoch(variant) for variant in models}
     cpu = {variant: [] for variant in models}  # the warm-up epochs are not timed
-    times: dict[str, list[float]] = {variant: [] for variant in models}
-    order = list(models)
-    for r in range(opts.repeats):
-        for variant in order[r % 2 :] + order[: r % 2]:
-            times[variant].append(epoch(variant))
+    times = _meta.round_robin(list(models), opts.repeats, epoch)
     plain, gradtail = times["plain"], times["gradtail"]
     cpu_plain, cpu_gradtail = cpu["plain"], cpu["gradtail"]
     ratio = statistics.median(gradtail) / statistics.median(plain)

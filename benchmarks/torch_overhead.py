@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import shutil
 import statistics
@@ -415,45 +414,14 @@ def time_config(
     warm: dict[str, float] = {}
     for name, call in calls.items():
         for _ in range(opts.warmup):
-            start = time.perf_counter()
-            call()
-            warm[name] = time.perf_counter() - start
-    per_round = sum(warm.values())
-    rounds = max(3, min(opts.repeats, int(opts.budget / per_round) if per_round > 0 else opts.repeats))
-    names = list(calls)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        gc.collect()
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
+            warm[name] = _meta.timed(call)
+    rounds = _meta.rounds_for(sum(warm.values()), opts.repeats, opts.budget)
+    times = _meta.round_robin(list(calls), rounds, lambda name: _meta.timed(calls[name]))
     kernel_times = times.pop("kernel")
     return times, kernel_times
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _read_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return False
-    return True
 
 
 def profiler_peak(call: Callable[[], Any]) -> tuple[int, int]:
@@ -514,7 +482,7 @@ def measure_memory(
             tiny.step(tx, ty)
         del tiny, tx, ty
         gc.collect()
-        baseline = _read_status_kib("VmRSS")
+        baseline = _meta.read_status_kib("VmRSS")
         x, y = make_batch(batch, seed)
         s = Step(variant, head_width, seed, lr)
         for _ in range(warmup):
@@ -526,11 +494,11 @@ def measure_memory(
             "persistent_bytes": s.persistent_bytes(x, y),
             "grad_bytes_between_steps": grads,
         }
-        hwm_before = _read_status_kib("VmHWM") or 0
-        if rss and baseline is not None and reset_peak_rss():
+        hwm_before = _meta.read_status_kib("VmHWM") or 0
+        if rss and baseline is not None and _meta.reset_peak_rss():
             gc.collect()
             s.step(x, y)
-            peak_kib = _read_status_kib("VmHWM")
+            peak_kib = _meta.read_status_kib("VmHWM")
             out["rss_peak_above_baseline_bytes"] = None if peak_kib is None else (peak_kib - baseline) * 1024
         transient, net = profiler_peak(lambda: s.step(x, y))
         out["step_transient_bytes"] = transient
@@ -538,7 +506,7 @@ def measure_memory(
         out["step_peak_bytes"] = out["persistent_bytes"] + grads + transient
     if rss:
         # Not ru_maxrss: Linux folds the parent's RSS at fork into a child's ru_maxrss.
-        out["process_peak_rss_bytes"] = max(hwm_before, _read_status_kib("VmHWM") or 0) * 1024
+        out["process_peak_rss_bytes"] = max(hwm_before, _meta.read_status_kib("VmHWM") or 0) * 1024
     return out
 
 
@@ -738,20 +706,7 @@ def top_ops_under(prof: Any, label: str, steps: int, limit: int = 12) -> list[di
 
 
 def check(key: str, value: float | None) -> dict[str, Any]:
-    target = TARGETS[key]
-    if value is None or not math.isfinite(value):
-        passed = None
-    elif target["op"] == ">=":
-        passed = bool(value >= target["value"])
-    else:
-        passed = bool(value <= target["value"])
-    return {"name": key, "value": value, "target": dict(target), "passed": passed}
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None or den <= 0:
-        return None
-    return float(num) / float(den)
+    return _meta.target_check(key, TARGETS[key], value)
 
 
 def checks_for(head: str, batch: int, variant: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1032,10 +987,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if v in memory:
                     entry["memory"] = memory[v]
                     entry["peak_bytes"] = memory[v].get("step_peak_bytes")
-                    ratio = _ratio(entry["peak_bytes"], plain_peak)
+                    ratio = _meta.ratio(entry["peak_bytes"], plain_peak)
                     if ratio is not None:
                         entry["peak_ratio_to_plain"] = ratio
-                    rss_ratio = _ratio(
+                    rss_ratio = _meta.ratio(
                         memory[v].get("rss_peak_above_baseline_bytes"),
                         memory["plain"].get("rss_peak_above_baseline_bytes"),
                     )

@@ -54,7 +54,16 @@ from .._render import (
     table,
 )
 from .datasets import DATASETS, SplitData, load_dataset
-from .metrics import GROUPS, class_accuracies, group_means, mean_std
+from .metrics import (
+    GROUPS,
+    class_accuracies,
+    delta_stats,
+    group_means,
+    late_epochs,
+    mean_std,
+    paired_deltas,
+    selected_epoch,
+)
 
 BENCHMARK = "longtail_keras"
 SCHEMA_VERSION = 1
@@ -75,17 +84,6 @@ GIT_DIRTY = {
     "longtail_suite_dirty": ("benchmarks/longtail",),
 }
 REPO = Path(__file__).resolve().parents[2]
-
-
-def late_epochs(epochs: int) -> int:
-    """How many final epochs the late mean covers: the last 25%, at least one.
-
-    Examples
-    --------
-    >>> late_epochs(12), late_epochs(60), late_epochs(2)
-    (3, 15, 1)
-    """
-    return max(1, round(0.25 * epochs))
 
 
 def accuracy_metrics(pred: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> dict[str, Any]:
@@ -111,17 +109,6 @@ def accuracy_metrics(pred: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> 
         **group_means(per_class, groups),
         "per_class": per_class.tolist(),
     }
-
-
-def select_epoch(val_curve: Sequence[float]) -> int:
-    """Index of the epoch of best validation balanced accuracy (the first one on ties).
-
-    Examples
-    --------
-    >>> select_epoch([70.0, 80.0, 79.0, 80.0])
-    1
-    """
-    return int(np.argmax(np.asarray(val_curve, dtype=np.float64)))
 
 
 # ---------------------------------------------------------------------------------- train
@@ -236,7 +223,7 @@ def train_keras(
     wall = time.perf_counter() - start
     val_curve = [m["balanced_accuracy"] for m in evaluator.val]
     test_curve = [m["balanced_accuracy"] for m in evaluator.test]
-    sel = select_epoch(val_curve)
+    sel = selected_epoch(val_curve)
     k = late_epochs(epochs)
     seconds = evaluator.seconds
     out: dict[str, Any] = {
@@ -280,29 +267,6 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [v for r in rows if (v := _metric(r, key)) is not None]
 
 
-def paired_deltas(rows: list[dict[str, Any]], base_method: str = "uniform") -> None:
-    """``row["delta_vs_uniform"]``: method - ``base_method`` of the same data set and seed, in pp."""
-    base = {(r["dataset"], r["seed"]): r for r in rows if r["method"] == base_method}
-    for r in rows:
-        b = base.get((r["dataset"], r["seed"]))
-        if b is None:
-            r["delta_vs_uniform"] = None
-            continue
-        delta: dict[str, float | None] = {}
-        for m in DELTA_METRICS:
-            a, c = _metric(r, m), _metric(b, m)
-            delta[m] = None if a is None or c is None else a - c
-        r["delta_vs_uniform"] = delta
-
-
-def _delta_stats(values: list[float | None]) -> dict[str, Any]:
-    finite = [v for v in values if v is not None]
-    return mean_std(finite) | {
-        "n_positive": sum(v > 0 for v in finite),
-        "every_seed_positive": bool(finite) and all(v > 0 for v in finite),
-    }
-
-
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds per (data set, method); paired deltas with seeds-positive counts."""
     out = []
@@ -321,7 +285,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         if all(r.get("delta_vs_uniform") is not None for r in group) and method != "uniform":
             agg["delta_vs_uniform"] = {
-                m: _delta_stats([r["delta_vs_uniform"][m] for r in group]) for m in DELTA_METRICS
+                m: delta_stats([r["delta_vs_uniform"][m] for r in group]) for m in DELTA_METRICS
             }
         else:
             agg["delta_vs_uniform"] = None
@@ -459,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 bar.update(1)
     bar.close()
-    paired_deltas(rows)
+    paired_deltas(rows, DELTA_METRICS, _metric)
     machine |= _meta.load_fields(load_before, _meta.load_average())
     deviations: dict[str, Any] = {}
     if not args.quick:

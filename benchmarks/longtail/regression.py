@@ -45,7 +45,7 @@ from .._render import (
     weight_table,
 )
 from .analysis import aggregate_tail_detection, window_auroc
-from .metrics import GROUPS, mean_std
+from .metrics import GROUPS, delta_stats, late_epochs, mean_std, paired_deltas
 from .regression_data import EDGE_QUANTILE, N_BINS, SPECS, SPLIT_SEED, RegressionData, load_regression
 from .regression_methods import REG_METHODS, RegBatch, RegContext
 from .run import clean, dumps, machine_info, rel
@@ -62,11 +62,6 @@ MARKS = (0.1, 0.5, 1.0)
 DELTA_METRICS = ("balanced_mae", "late_balanced_mae", "many", "medium", "few", "mae", "val_balanced_mae")
 
 DPI = 80
-
-
-def late_epochs(epochs: int) -> int:
-    """How many final epochs the late averages cover: the last 25%, at least one."""
-    return max(1, round(0.25 * epochs))
 
 
 def mlp(d_in: int, hidden: tuple[int, ...]) -> torch.nn.Sequential:
@@ -286,32 +281,6 @@ def _metric(row: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def paired_deltas(rows: list[dict[str, Any]], base_method: str, key: str) -> None:
-    """``row[key]``: metric differences (method - ``base_method``) of the same data set and seed.
-
-    Lower MAE is better, so a negative delta is an improvement.
-    """
-    base = {(r["dataset"], r["seed"]): r for r in rows if r["method"] == base_method}
-    for r in rows:
-        b = base.get((r["dataset"], r["seed"]))
-        if b is None:
-            r[key] = None
-            continue
-        delta = {}
-        for m in DELTA_METRICS:
-            a, c = _metric(r, m), _metric(b, m)
-            delta[m] = None if a is None or c is None else a - c
-        r[key] = delta
-
-
-def _delta_stats(values: list[float | None]) -> dict[str, Any]:
-    finite = [v for v in values if v is not None]
-    return mean_std(finite) | {
-        "n_better": sum(v < 0 for v in finite),
-        "every_seed_better": bool(finite) and all(v < 0 for v in finite),
-    }
-
-
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds per (data set, method); paired deltas with seeds-better counts."""
     out = []
@@ -333,7 +302,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for key in ("delta_vs_uniform", "delta_vs_lds"):
             if all(r.get(key) is not None for r in group):
-                agg[key] = {m: _delta_stats([r[key][m] for r in group]) for m in DELTA_METRICS}
+                agg[key] = {
+                    m: delta_stats([r[key][m] for r in group], lower_is_better=True) for m in DELTA_METRICS
+                }
             else:
                 agg[key] = None
         base = [r for r in rows if r["dataset"] == dataset and r["method"] == "uniform"]
@@ -580,8 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bar.set_postfix_str(f"{dataset} {method} seed {seed}")
                 rows.append(run_one(data, dataset, method, seed, epochs[dataset], args, bar))
     bar.close()
-    paired_deltas(rows, "uniform", "delta_vs_uniform")
-    paired_deltas(rows, "lds", "delta_vs_lds")
+    paired_deltas(rows, DELTA_METRICS, _metric)
+    paired_deltas(rows, DELTA_METRICS, _metric, base_method="lds", out="delta_vs_lds")
     machine |= _meta.load_fields(load_before, _meta.load_average())
     deviations: dict[str, Any] = {}
     defaults = {d: SPECS[d].epochs for d in args.datasets}

@@ -51,7 +51,15 @@ from .analysis import (
 )
 from .datasets import DATASETS, SPLIT_SEED, load_dataset
 from .methods import METHODS, Context, GradTailWeighting, Method, Weighting
-from .metrics import GROUPS, mean_std
+from .metrics import (
+    GROUPS,
+    LATE_FRACTION,
+    delta_stats,
+    late_epochs,
+    mean_std,
+    paired_deltas,
+    selected_epoch,
+)
 from .train import train
 
 BENCHMARK = "longtail"
@@ -70,7 +78,6 @@ DELTA_METRICS = (
     "val_late_balanced_accuracy",
     "val_selected_balanced_accuracy",
 )
-LATE_FRACTION = 0.25
 #: The methods of the full run (``--methods`` picks others, e.g. the per-example memory ones).
 SUITE_METHODS = (
     "uniform",
@@ -85,23 +92,10 @@ SUITE_METHODS = (
 )
 
 
-def late_epochs(epochs: int) -> int:
-    """How many final epochs the late averages cover: the last 25%, at least one."""
-    return max(1, round(LATE_FRACTION * epochs))
-
-
 def _metric(row: dict[str, Any], key: str) -> float | None:
     part, name = ("val", key[len("val_") :]) if key.startswith("val_") else ("test", key)
     value = row[part].get(name)
     return None if value is None else float(value)
-
-
-def selected_epoch(val_curve: Sequence[float]) -> int:
-    """The epoch (0-based) of the best validation balanced accuracy; the earliest on ties.
-
-    Selection sees the validation half only; the test half is read at the chosen epoch.
-    """
-    return int(np.argmax(np.asarray(val_curve, dtype=np.float64)))
 
 
 # ------------------------------------------------------------------------------- machine
@@ -250,17 +244,7 @@ def _run_task(task: tuple[str, int, str, int], args: argparse.Namespace) -> dict
 
 def add_deltas(rows: list[dict[str, Any]]) -> None:
     """Paired difference (percentage points) to uniform weighting of the same data set and seed."""
-    base = {(r["dataset"], r["seed"]): r for r in rows if r["method"] == "uniform"}
-    for r in rows:
-        b = base.get((r["dataset"], r["seed"]))
-        if b is None:
-            r["delta_vs_uniform"] = None
-            continue
-        r["delta_vs_uniform"] = {}
-        for k in DELTA_METRICS:
-            mine, theirs = _metric(r, k), _metric(b, k)
-            if mine is not None and theirs is not None:
-                r["delta_vs_uniform"][k] = mine - theirs
+    paired_deltas(rows, DELTA_METRICS, _metric)
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -299,13 +283,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if all(r.get("delta_vs_uniform") is not None for r in group):
             agg["delta_vs_uniform"] = {}
             for k in DELTA_METRICS:
-                if any(k not in r["delta_vs_uniform"] for r in group):
-                    continue
-                values = [r["delta_vs_uniform"][k] for r in group]
-                agg["delta_vs_uniform"][k] = mean_std(values) | {
-                    "n_positive": sum(v > 0 for v in values),
-                    "every_seed_positive": all(v > 0 for v in values),
-                }
+                values = [r["delta_vs_uniform"].get(k) for r in group]
+                if None not in values:
+                    agg["delta_vs_uniform"][k] = delta_stats(values)
         else:
             agg["delta_vs_uniform"] = None
         agg["tail_detection"] = aggregate_tail_detection(group)
