@@ -21,6 +21,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -295,6 +296,20 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def chrome_trace(prof: Any) -> dict[str, Any]:
+    """The events of a finished ``torch.profiler.profile`` as its Chrome trace JSON (the one export
+    that keeps the ``[memory]`` events with their order)."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            trace: dict[str, Any] = json.load(fh)
+    finally:
+        os.unlink(path)
+    return trace
 
 
 # --------------------------------------------------------------------------- target checks

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -217,14 +215,7 @@ class TorchBackend(Backend):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             out = prepared.call()
         del out
-        fd, path = tempfile.mkstemp(suffix=".json")
-        os.close(fd)
-        try:
-            prof.export_chrome_trace(path)
-            with open(path) as fh:
-                trace = json.load(fh)
-        finally:
-            os.unlink(path)
+        trace = _meta.chrome_trace(prof)
         events = [e for e in trace.get("traceEvents", []) if e.get("name") == "[memory]"]
         events.sort(key=lambda e: (e.get("ts", 0), e.get("args", {}).get("Ev Idx", 0)))
         live = peak = 0

@@ -439,14 +439,7 @@ def profiler_peak(call: Callable[[], Any]) -> tuple[int, int]:
         call()
         with record_function("measured_step"):
             call()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as fh:
-            trace = json.load(fh)
-    finally:
-        os.unlink(path)
+    trace = _meta.chrome_trace(prof)
     events = trace.get("traceEvents", [])
     span = next(e for e in events if e.get("name") == "measured_step" and e.get("ph") == "X")
     start, stop = float(span["ts"]), float(span["ts"]) + float(span.get("dur", 0))
