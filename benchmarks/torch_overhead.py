@@ -90,6 +90,8 @@ from benchmarks._render import (  # noqa: E402
     machine_line,
     table,
 )
+from benchmarks.longtail.models import ARCH_TEXT  # noqa: E402
+from benchmarks.longtail.models import build_model as build_arch_model  # noqa: E402
 from gradtail_ops import (  # noqa: E402
     DEFAULT_CURVE,
     DEFAULT_DECAY,
@@ -205,6 +207,15 @@ MEMORY_METHOD = {
 DIMS = (D_IN, HIDDEN, CLASSES)
 TINY_DIMS = (16, 16, 10)  # warms the code paths (pages in library code) before a memory baseline
 
+# Image models of the long-tail suite (benchmarks/longtail/models.py) on 28x28 inputs, 10 classes:
+# plain vs. GradTail on the head vs. GradTail(model) (every nn.Linear; weights + weighted backward,
+# as the suite trains them), timed side by side; peak memory in-process.
+ARCHS = ("cnn", "vit")
+ARCH_CLASSES = 10
+ARCH_VARIANTS = ("plain", "gt_head", "gt_all_weights")
+ARCH_BATCHES_FULL = (128,)
+ARCH_BATCHES_QUICK = (32,)
+
 
 def build_model(head_width: int, seed: int, dims: tuple[int, int, int] = DIMS) -> nn.Sequential:
     d_in, hidden, classes = dims
@@ -242,13 +253,24 @@ class Step:
     """One variant's model, optimizer and GradTail objects; ``step(x, y)`` runs one step."""
 
     def __init__(
-        self, variant: str, head_width: int, seed: int, lr: float, dims: tuple[int, int, int] = DIMS
+        self,
+        variant: str,
+        head_width: int,
+        seed: int,
+        lr: float,
+        dims: tuple[int, int, int] = DIMS,
+        *,
+        arch: str | None = None,
     ) -> None:
         self.variant = variant
-        self.model = build_model(head_width, seed, dims)
+        if arch is None:
+            self.model: nn.Module = build_model(head_width, seed, dims)
+        else:
+            torch.manual_seed(seed)
+            self.model = build_arch_model(arch, D_IN, ARCH_CLASSES)
         self.model.train()
-        self.head = self.model[-1]
-        self.body = self.model[:-1]
+        self.head = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1]
+        self.body = self.model[:-1] if isinstance(self.model, nn.Sequential) else None
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
         self.gt: GradTail | None = None
         self.state = None
@@ -307,6 +329,7 @@ class Step:
 
         head = self.head
         self.opt.zero_grad(set_to_none=True)
+        assert self.body is not None, "func_head needs the MLP (nn.Sequential) models"
         h = self.body(x)
         loss = F.cross_entropy(head(h), y, reduction="none")
         params = {k: v.detach() for k, v in head.named_parameters()}
@@ -501,6 +524,67 @@ def measure_memory(
         # Not ru_maxrss: Linux folds the parent's RSS at fork into a child's ru_maxrss.
         out["process_peak_rss_bytes"] = max(hwm_before, _meta.read_status_kib("VmHWM") or 0) * 1024
     return out
+
+
+def step_memory(s: Step, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """In-process memory of a warmed-up step: its persistent tensors, the gradients the previous
+    step left, and the allocator's peak growth during one step (``profiler_peak``)."""
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in s.model.parameters() if p.grad is not None)
+    transient, net = profiler_peak(lambda: s.step(x, y))
+    persistent = s.persistent_bytes(x, y)
+    return {
+        "persistent_bytes": persistent,
+        "grad_bytes_between_steps": grads,
+        "step_transient_bytes": transient,
+        "step_net_bytes": net,
+        "step_peak_bytes": persistent + grads + transient,
+    }
+
+
+def arch_rows(arch: str, batch: int, opts: argparse.Namespace) -> list[dict[str, Any]]:
+    """Step time (interleaved rounds, median) and in-process peak memory of ``ARCH_VARIANTS`` on
+    the long-tail suite's ``arch`` model; a variant whose GradTail cannot track the model (or
+    fails in its first steps) is recorded as skipped with the error."""
+    g = torch.Generator().manual_seed(opts.seed + batch)
+    x, y = torch.rand(batch, D_IN, generator=g), torch.randint(0, ARCH_CLASSES, (batch,), generator=g)
+    steps: dict[str, Step] = {}
+    skipped: dict[str, str] = {}
+    warm: dict[str, float] = {}
+    for v in ARCH_VARIANTS:
+        try:
+            s = Step(v, 0, opts.seed, opts.lr, arch=arch)
+            for _ in range(opts.warmup):
+                warm[v] = _meta.timed(lambda s=s: s.step(x, y))  # type: ignore[misc]
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            skipped[v] = f"{type(exc).__name__}: {exc}"
+            continue
+        steps[v] = s
+    rounds = _meta.rounds_for(sum(warm.values()), opts.repeats, opts.budget)
+    times = _meta.round_robin(list(steps), rounds, lambda v: _meta.timed(lambda: steps[v].step(x, y)))
+    memory = {v: step_memory(st, x, y) for v, st in steps.items()}
+    plain_s = statistics.median(times["plain"])
+    plain_peak = memory["plain"]["step_peak_bytes"]
+    rows: list[dict[str, Any]] = []
+    for v in ARCH_VARIANTS:
+        row: dict[str, Any] = {"arch": arch, "B": batch, "variant": v}
+        if v in skipped:
+            rows.append(row | {"skipped": skipped[v]})
+            continue
+        seconds = statistics.median(times[v])
+        row |= {
+            "params": n_params(steps[v].model),
+            "seconds": seconds,
+            "seconds_min": min(times[v]),
+            "repeats": len(times[v]),
+            "ratio_to_plain": seconds / plain_s,
+            "peak_bytes": memory[v]["step_peak_bytes"],
+            "peak_ratio_to_plain": _meta.ratio(memory[v]["step_peak_bytes"], plain_peak),
+            "memory": memory[v],
+        }
+        if steps[v].gt is not None:
+            row["tracked_linears"] = len(steps[v].gt.layers)
+        rows.append(row)
+    return rows
 
 
 def memory_subprocess(variant: str, head_width: int, batch: int, opts: argparse.Namespace) -> dict[str, Any]:
@@ -846,9 +930,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="import the package from the working tree instead of a copy taken at the start",
     )
+    p.add_argument(
+        "--archs",
+        default=",".join(ARCHS),
+        help="comma-separated subset of " + ",".join(ARCHS) + " (the long-tail suite's image models; "
+        "empty: none)",
+    )
+    p.add_argument(
+        "--arch-batches", default=None, help="batch sizes of the --archs rows (default 128; quick 32)"
+    )
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    for a in args.archs:
+        if a not in ARCHS:
+            p.error(f"unknown arch {a!r}; choose from {ARCHS}")
+    if args.arch_batches is None:
+        args.arch_batches = list(ARCH_BATCHES_QUICK if args.quick else ARCH_BATCHES_FULL)
+    else:
+        args.arch_batches = [int(b) for b in args.arch_batches.split(",") if b.strip()]
     for h in args.heads:
         if h not in HEADS:
             p.error(f"unknown head {h!r}; choose from {tuple(HEADS)}")
@@ -1003,6 +1104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             profiles.append(profile_breakdown(HEADS[head], opts.profile_batch, opts))
             print(f"[profile {head} B={opts.profile_batch}] {time.perf_counter() - t0:.0f} s", flush=True)
+    arch_results: list[dict[str, Any]] = []
+    for arch in opts.archs:
+        for batch in opts.arch_batches:
+            t0 = time.perf_counter()
+            arch_results += arch_rows(arch, batch, opts)
+            print(f"[{arch} B={batch}] {time.perf_counter() - t0:.0f} s", flush=True)
+            for e in arch_results[-len(ARCH_VARIANTS) :]:
+                print(_fmt_row(e), flush=True)
     load_after = _meta.load_average()
     machine = machine_info(opts, git_start)  # git: the snapshot's commit, taken at the start
     machine |= _meta.load_fields(load_before, load_after)
@@ -1064,6 +1173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kernel": kernels,
         "sanity": sanity,
         "profile": profiles,
+        "arch_models": {a: ARCH_TEXT[a] for a in opts.archs},
+        "arch_results": arch_results,
     }
     out = _meta.write_json(Path.cwd() / opts.out, doc)
     _meta.print_closing(doc, out, load_before, load_after)
@@ -1208,6 +1319,8 @@ def render(doc: dict[str, Any]) -> str:
             ),
         ]
 
+    out += _arch_section(doc)
+
     for prof in doc.get("profile", []):
         pv = prof["variants"]
         spans = [(k, t) for k, t in _TO_SPANS if any(k in v["spans_ms"] for v in pv.values())]
@@ -1273,6 +1386,43 @@ def render(doc: dict[str, Any]) -> str:
         out += [f"- `{key}`: {text}"]
     out += ["", "</details>"]
     return "\n".join(out)
+
+
+_ARCH_COLUMNS = (("plain", "plain"), ("gt_head", "GradTail head"), ("gt_all_weights", "GradTail(model)"))
+
+
+def _arch_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return ""
+    if entry.get("skipped"):
+        return "fails: " + entry["skipped"].split(":", 1)[0]
+    peak = f"{fmt_bytes(entry['peak_bytes'])} ({fmt_ratio(entry.get('peak_ratio_to_plain'))})"
+    return f"{_to_cell(entry)} / {peak}"
+
+
+def _arch_section(doc: dict[str, Any]) -> list[str]:
+    """The CNN and ViT rows: step time and in-process peak memory, ratios to the plain step."""
+    rows = doc.get("arch_results") or []
+    if not rows:
+        return []
+    index = {(r["arch"], r["B"], r["variant"]): r for r in rows}
+    configs = list(dict.fromkeys((r["arch"], r["B"]) for r in rows))
+    out = [
+        "",
+        "### The long-tail suite's image models (CNN, ViT)",
+        "",
+        "Median step time (ratio to plain) / peak live tensor bytes of a step, in-process (ratio to "
+        "plain). GradTail(model) tracks every nn.Linear (weights + weighted backward).",
+        "",
+        table(
+            ["model", "B", *(t for _, t in _ARCH_COLUMNS)],
+            ([a, b, *(_arch_cell(index.get((a, b, k))) for k, _ in _ARCH_COLUMNS)] for a, b in configs),
+        ),
+    ]
+    out += [""] + [f"- {a}: {text}" for a, text in (doc.get("arch_models") or {}).items()]
+    failures = [r for r in rows if r.get("skipped")]
+    out += [f"- {r['arch']} `{r['variant']}` failed: {r['skipped']}" for r in failures]
+    return out
 
 
 def _other_gradtail_ms(entry: dict[str, Any]) -> str:

@@ -135,6 +135,8 @@ def render(doc: dict[str, Any]) -> str:
     methods = doc.get("methods", {})
     aggs = doc["aggregates"]
     out = [machine_line(doc), "", *run_notes(doc)]
+    out += [f"> Skipped: `{m}`: {why}" for m, why in (doc.get("methods_skipped") or {}).items()]
+    out += [""] if doc.get("methods_skipped") else []
     out += [
         f"Seeds: {seeds_text(cfg.get('seeds', []))}; "
         f"{cfg.get('model', '?')}, "
