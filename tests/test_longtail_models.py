@@ -67,3 +67,33 @@ def test_vit_defaults_drop_whole_model_gradtail_only_where_it_fails() -> None:
     assert "gradtail_head" in vit.methods
     if reason is not None:
         assert vit.arch_skipped == {"gradtail": reason}
+
+
+def test_torch_overhead_renders_the_arch_rows() -> None:
+    from benchmarks.torch_overhead import render
+
+    def row(variant: str, seconds: float, peak: int) -> dict[str, object]:
+        return {
+            "arch": "cnn",
+            "B": 128,
+            "variant": variant,
+            "seconds": seconds,
+            "ratio_to_plain": seconds / 0.1,
+            "peak_bytes": peak,
+            "peak_ratio_to_plain": peak / 2**20,
+        }
+
+    doc = {
+        "results": [],
+        "arch_models": {"cnn": "a CNN"},
+        "arch_results": [
+            row("plain", 0.1, 2**20),
+            row("gt_head", 0.12, 2**20),
+            row("gt_all_weights", 0.15, 2 * 2**20),
+            {"arch": "vit", "B": 128, "variant": "gt_all_weights", "skipped": "RuntimeError: no"},
+        ],
+    }
+    text = render(doc).replace("\N{MULTIPLICATION SIGN}", "x")
+    assert "| cnn | 128 | 100 ms (1x) / 1.00 MiB (1x) | 120 ms (1.2x) / 1.00 MiB (1x) |" in text
+    assert "150 ms (1.5x) / 2.00 MiB (2x)" in text
+    assert "| vit | 128 |  |  | fails: RuntimeError |" in text
