@@ -200,6 +200,20 @@ def run_header(
     return header | {"date": utc_timestamp(), "command": command}
 
 
+def deviations(quick: bool, **settings: tuple[Any, Any]) -> dict[str, Any]:
+    """``{name: {"used": ..., "default": ...}}`` for each ``name=(used, default)`` that differ; none
+    for a ``--quick`` smoke run (its settings differ by design).
+
+    Examples
+    --------
+    >>> deviations(False, epochs=(12, 12), seeds=([0, 1], [0, 1, 2]))
+    {'seeds': {'used': [0, 1], 'default': [0, 1, 2]}}
+    """
+    if quick:
+        return {}
+    return {k: {"used": u, "default": d} for k, (u, d) in settings.items() if u != d}
+
+
 def write_json(path: Path, doc: Any, *, dumps: Callable[[Any], str] | None = None) -> Path:
     """Write ``doc`` to ``path`` (parents created) with a final newline; return ``path``.
 

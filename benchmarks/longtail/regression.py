@@ -554,12 +554,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     paired_deltas(rows, DELTA_METRICS, _metric)
     paired_deltas(rows, DELTA_METRICS, _metric, base_method="lds", out="delta_vs_lds")
     machine |= _meta.load_fields(load_before, _meta.load_average())
-    deviations: dict[str, Any] = {}
-    defaults = {d: SPECS[d].epochs for d in args.datasets}
-    if not args.quick and epochs != defaults:
-        deviations["epochs"] = {"used": epochs, "default": defaults}
-    if not args.quick and list(args.seeds) != list(DEFAULT_SEEDS):
-        deviations["seeds"] = {"used": list(args.seeds), "default": list(DEFAULT_SEEDS)}
+    deviations = _meta.deviations(
+        args.quick,
+        epochs=(epochs, {d: SPECS[d].epochs for d in args.datasets}),
+        seeds=(list(args.seeds), list(DEFAULT_SEEDS)),
+    )
     aggs = aggregate(rows)
     target_checks = checks(aggs)
     doc: dict[str, Any] = {

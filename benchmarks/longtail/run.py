@@ -684,13 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar.close()
     add_deltas(rows)
     machine |= _meta.load_fields(load_before, _meta.load_average())
-    defaults = {d: DATASETS[d].epochs for d in args.datasets}
-    deviations: dict[str, Any] = {}
-    if not args.quick and epochs != defaults:
-        deviations["epochs"] = {"used": epochs, "default": defaults}
-    default_seeds = {d: list(DATASETS[d].seeds) for d in args.datasets}
-    if not args.quick and seeds != default_seeds:
-        deviations["seeds"] = {"used": seeds, "default": default_seeds}
+    deviations = _meta.deviations(
+        args.quick,
+        epochs=(epochs, {d: DATASETS[d].epochs for d in args.datasets}),
+        seeds=(seeds, {d: list(DATASETS[d].seeds) for d in args.datasets}),
+    )
     doc: dict[str, Any] = {
         **_meta.run_header(
             benchmark_name(args),
