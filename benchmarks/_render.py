@@ -189,10 +189,16 @@ def weight_table(weighted: Sequence[dict[str, Any]], label: Callable[[str], str]
     )
 
 
-def measured_end(doc: dict[str, Any], default_command: str) -> list[str]:
-    """The last items of a suite's "How this was measured": GradTail defaults, methods, command."""
-    gd = doc.get("config", {}).get("gradtail_defaults")
-    out: list[str] = []
+def measured_section(doc: dict[str, Any], keys: Sequence[str], default_command: str) -> list[str]:
+    """A suite's "How this was measured": the ``config`` entries ``keys``, tail detection, the
+    GradTail defaults at run time, the methods and the command."""
+    cfg = doc.get("config", {})
+    out = ["<details><summary>How this was measured</summary>", ""]
+    out += [f"- {k.replace('_', ' ').capitalize()}: {cfg[k]}." for k in keys if cfg.get(k)]
+    td = cfg.get("tail_detection", {})
+    if td.get("text"):
+        out += [f"- Tail detection: {td['text']}."]
+    gd = cfg.get("gradtail_defaults")
     if gd:
         curve = gd.get("curve", {})
         out += [
@@ -209,9 +215,15 @@ def measured_end(doc: dict[str, Any], default_command: str) -> list[str]:
     return [*out, "", "</details>"]
 
 
-def doc_link(path: str) -> str:
-    """A figure path relative to the repository root, as a link from docs/."""
-    return path if path.startswith("/") else f"../{path}"
+def figures_section(doc: dict[str, Any], caption: Callable[[str], str]) -> list[str]:
+    """The run's figures (``doc["figures"]``, paths from the repository root) linked from docs/,
+    each with ``caption(file name)``."""
+    out: list[str] = []
+    for path in doc.get("figures") or []:
+        text = caption(path.rsplit("/", 1)[-1])
+        link = path if path.startswith("/") else f"../{path}"
+        out += [f"![{text}]({link})", "", f"*{text} (`{path}`).*", ""]
+    return ["### Figures", "", *out] if out else []
 
 
 def seeds_text(seeds: list[int] | dict[str, list[int]], dataset: str | None = None) -> str:

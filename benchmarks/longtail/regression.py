@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from .. import _meta
 from .._render import (
-    doc_link,
+    figures_section,
     machine_line,
-    measured_end,
+    measured_section,
     pm,
     run_notes,
     table,
@@ -793,19 +793,10 @@ def render(doc: dict[str, Any]) -> str:
             "</details>",
             "",
         ]
-    figures = doc.get("figures") or []
-    if figures:
-        out += ["### Figures", ""]
-        for path in figures:
-            caption = "Test MAE by target bin per method, and the paired Δ vs. uniform"
-            out += [f"![{caption}]({doc_link(path)})", "", f"*{caption} (`{path}`).*", ""]
-    out += ["<details><summary>How this was measured</summary>", ""]
-    for key in ("bins", "split", "metrics"):
-        if cfg.get(key):
-            out += [f"- {key.capitalize()}: {cfg[key]}."]
-    if td.get("text"):
-        out += [f"- Tail detection: {td['text']}."]
-    out += measured_end(doc, "python -m benchmarks.longtail.regression")
+    out += figures_section(
+        doc, lambda _name: "Test MAE by target bin per method, and the paired Δ vs. uniform"
+    )
+    out += measured_section(doc, ("bins", "split", "metrics"), "python -m benchmarks.longtail.regression")
     return "\n".join(out)
 
 

@@ -6,15 +6,14 @@ Kept apart from ``run.py`` so rendering never imports torch.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .._render import (
     delta_cells,
-    doc_link,
     every_seed,
+    figures_section,
     machine_line,
-    measured_end,
+    measured_section,
     pm,
     run_notes,
     seeds_text,
@@ -23,7 +22,7 @@ from .._render import (
     weight_table,
 )
 
-_LT_FIGURE_CAPTIONS = {
+_FIGURE_CAPTIONS = {
     "per_subclass": "Per-subclass test accuracy by method (hidden stratification), selected epoch",
     "per_class": "Per-class test accuracy by method, selected epoch",
     "alignment": "GradTail alignment histograms, head vs tail, early and late in training",
@@ -288,23 +287,15 @@ def render(doc: dict[str, Any]) -> str:
             "",
         ]
 
-    figures = doc.get("figures") or []
-    if figures:
-        out += ["### Figures", ""]
-        for path in figures:
-            name = Path(path).name
-            caption = next(
-                (text for key, text in _LT_FIGURE_CAPTIONS.items() if key in name), "Long-tail figure"
-            )
-            out += [f"![{caption}]({doc_link(path)})", "", f"*{caption} (`{path}`).*", ""]
-
-    out += ["<details><summary>How this was measured</summary>", ""]
-    for key in ("split", "selection", "metrics", "seconds_per_epoch"):
-        if cfg.get(key):
-            out += [f"- {key.replace('_', ' ').capitalize()}: {cfg[key]}."]
-    if td.get("text"):
-        out += [f"- Tail detection: {td['text']}."]
-    out += measured_end(doc, "python -m benchmarks.longtail.run")
+    out += figures_section(
+        doc,
+        lambda name: next(
+            (text for key, text in _FIGURE_CAPTIONS.items() if key in name), "Long-tail figure"
+        ),
+    )
+    out += measured_section(
+        doc, ("split", "selection", "metrics", "seconds_per_epoch"), "python -m benchmarks.longtail.run"
+    )
     return "\n".join(out)
 
 
