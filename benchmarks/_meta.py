@@ -1,4 +1,5 @@
-"""Run metadata shared by the benchmark scripts: machine, load, git state, header, JSON output.
+"""What every benchmark script shares: machine, load, git state, header, JSON output, timing
+rounds, peak-RSS probes and target checks.
 
 Every benchmark JSON carries the same ``machine`` block (read by ``benchmarks/render_tables.py``)
 and the same header (``benchmark``, ``schema_version``, ``date``, ``command``); these functions
@@ -12,12 +13,16 @@ is imported, and ``torch_overhead.py`` imports ``gradtail_ops`` from a snapshot 
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
+import math
 import os
 import platform
 import shlex
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -195,6 +200,20 @@ def run_header(
     return header | {"date": utc_timestamp(), "command": command}
 
 
+def deviations(quick: bool, **settings: tuple[Any, Any]) -> dict[str, Any]:
+    """``{name: {"used": ..., "default": ...}}`` for each ``name=(used, default)`` that differ; none
+    for a ``--quick`` smoke run (its settings differ by design).
+
+    Examples
+    --------
+    >>> deviations(False, epochs=(12, 12), seeds=([0, 1], [0, 1, 2]))
+    {'seeds': {'used': [0, 1], 'default': [0, 1, 2]}}
+    """
+    if quick:
+        return {}
+    return {k: {"used": u, "default": d} for k, (u, d) in settings.items() if u != d}
+
+
 def write_json(path: Path, doc: Any, *, dumps: Callable[[Any], str] | None = None) -> Path:
     """Write ``doc`` to ``path`` (parents created) with a final newline; return ``path``.
 
@@ -239,3 +258,116 @@ def print_closing(doc: dict[str, Any], out: Path, load_before: Any, load_after: 
         f"{s['passed']}/{s['checks']} targets pass ({s['failed']} fail, {s['unknown']} unknown); "
         f"load {load_before[0]:.2f} -> {load_after[0]:.2f}; {doc['wall_seconds']:.0f} s; wrote {out}"
     )
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def timed(call: Callable[[], Any]) -> float:
+    """Seconds of one ``call()`` (``time.perf_counter``); the caller synchronises async work."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def rounds_for(per_round: float, repeats: int, budget_s: float) -> int:
+    """Timed rounds that fit ``budget_s`` at ``per_round`` seconds each: at least 3, at most ``repeats``."""
+    return max(3, min(repeats, int(budget_s / per_round) if per_round > 0 else repeats))
+
+
+def round_robin(names: Sequence[str], rounds: int, run: Callable[[str], float]) -> dict[str, list[float]]:
+    """Run every name once per round, the order rotated each round (no variant always goes first);
+    ``run(name)`` returns the seconds of one call. Garbage is collected between rounds."""
+    names = list(names)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        gc.collect()
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            times[n].append(run(n))
+    return times
+
+
+# --------------------------------------------------------------------------- peak RSS (Linux)
+
+
+def read_status_kib(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``); None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current RSS (``/proc/self/clear_refs``); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def chrome_trace(prof: Any) -> dict[str, Any]:
+    """The events of a finished ``torch.profiler.profile`` as its Chrome trace JSON (the one export
+    that keeps the ``[memory]`` events with their order)."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            trace: dict[str, Any] = json.load(fh)
+    finally:
+        os.unlink(path)
+    return trace
+
+
+# --------------------------------------------------------------------------- target checks
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``; None when either is missing or ``den <= 0``."""
+    if num is None or den is None or den <= 0:
+        return None
+    return float(num) / float(den)
+
+
+def passes(target: Mapping[str, Any], value: float | None) -> bool | None:
+    """``value`` against ``target`` (``{"op": ">=" or "<=", "value": ...}``); None if not finite."""
+    if value is None or not math.isfinite(value):
+        return None
+    if target["op"] == ">=":
+        return bool(value >= target["value"])
+    return bool(value <= target["value"])
+
+
+def target_check(
+    name: str, target: Mapping[str, Any], value: float | None, **robust: float | None
+) -> dict[str, Any]:
+    """A target check: the verdict on ``value`` (a ratio of medians), then each noise-robust ratio
+    in ``robust`` (``min_based``: of the fastest repeats, ``paired``: median of per-round ratios)
+    with its own verdict; ``noise_bound`` when the verdicts that exist disagree.
+
+    Examples
+    --------
+    >>> c = target_check("r", {"op": "<=", "value": 1.15}, 1.2, min_based=1.1, paired=1.16)
+    >>> c["passed"], c["min_based_passed"], c["noise_bound"]
+    (False, True, True)
+    """
+    entry: dict[str, Any] = {
+        "name": name,
+        "value": value,
+        "target": dict(target),
+        "passed": passes(target, value),
+    }
+    if robust:
+        for key, v in robust.items():
+            entry[key] = v
+            entry[f"{key}_passed"] = passes(target, v)
+        verdicts = {entry["passed"], *(entry[f"{k}_passed"] for k in robust)}
+        entry["noise_bound"] = len(verdicts - {None}) > 1
+    return entry

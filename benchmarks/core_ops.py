@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import math
 import os
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -45,6 +42,16 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(REPO))
 
 from benchmarks import _meta  # noqa: E402
+from benchmarks._render import (  # noqa: E402
+    TIMES,
+    fmt_bytes,
+    fmt_check,
+    fmt_ratio,
+    fmt_seconds,
+    fmt_target,
+    machine_line,
+    table,
+)
 from gradtail_ops import alignment, linear_alignment  # noqa: E402
 
 BENCHMARK = "core_ops"
@@ -101,9 +108,10 @@ TIMING_METHOD = (
     "time.perf_counter around one call; NumPy and torch CPU are synchronous, JAX calls the "
     "AOT-compiled jax.jit(fn).lower(*args).compile() executable and block_until_ready on its "
     "output (compile time reported separately). Each variant runs once to warm up, then the "
-    "compared variants of one case run interleaved (round robin, with a CPU-free pause of 10% "
-    "of each call, at most 0.3 s, after it) `repeats` times, fewer (never below 3) where the "
-    "rounds would exceed `budget_seconds`; seconds = median. Checks use the ratio of medians; "
+    "compared variants of one case run interleaved (round robin, the order rotated every round, "
+    "with a CPU-free pause of 10% of each call, at most 0.3 s, after it) `repeats` times, fewer "
+    "(never below 3) where the rounds would exceed `budget_seconds`; seconds = median. Checks "
+    "use the ratio of medians; "
     "each also records min_based (ratio of fastest repeats) and paired (median of per-round "
     "ratios), and noise_bound = true where those verdicts disagree."
 )
@@ -207,14 +215,7 @@ class TorchBackend(Backend):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             out = prepared.call()
         del out
-        fd, path = tempfile.mkstemp(suffix=".json")
-        os.close(fd)
-        try:
-            prof.export_chrome_trace(path)
-            with open(path) as fh:
-                trace = json.load(fh)
-        finally:
-            os.unlink(path)
+        trace = _meta.chrome_trace(prof)
         events = [e for e in trace.get("traceEvents", []) if e.get("name") == "[memory]"]
         events.sort(key=lambda e: (e.get("ts", 0), e.get("args", {}).get("Ev Idx", 0)))
         live = peak = 0
@@ -284,28 +285,14 @@ def make_backend(name: str) -> Backend:
 # --------------------------------------------------------------------------- measuring
 
 
-def _read_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def rss_peak_delta(prepared: Prepared) -> int | None:
     """Peak RSS growth during one call (Linux only; None where VmHWM cannot be reset)."""
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
+    if not _meta.reset_peak_rss():
         return None
-    before = _read_status_kib("VmRSS")
+    before = _meta.read_status_kib("VmRSS")
     out = prepared.call()
-    peak = _read_status_kib("VmHWM")
+    peak = _meta.read_status_kib("VmHWM")
     del out
     if before is None or peak is None:
         return None
@@ -322,50 +309,22 @@ def time_interleaved(
         start = time.perf_counter()
         outputs[name] = call()
         warm[name] = time.perf_counter() - start
-    per_round = sum(warm.values())
-    n = max(3, min(repeats, int(budget_s / per_round) if per_round > 0 else repeats))
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(n):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            out = call()
-            elapsed = time.perf_counter() - start
-            times[name].append(elapsed)
-            del out
-            # Let the allocator give back a big output/temporaries before the next variant
-            # starts (XLA frees a 2 GB temp after block_until_ready returns, which otherwise
-            # lands in the next, cheap, call's time). Sleeping costs no CPU.
-            time.sleep(min(0.3, 0.1 * elapsed))
-    return times, outputs
 
+    def run(name: str) -> float:
+        elapsed = _meta.timed(calls[name])
+        # Let the allocator give back a big output/temporaries before the next variant
+        # starts (XLA frees a 2 GB temp after block_until_ready returns, which otherwise
+        # lands in the next, cheap, call's time). Sleeping costs no CPU.
+        time.sleep(min(0.3, 0.1 * elapsed))
+        return elapsed
 
-def _passes(target: dict[str, Any], value: float | None) -> bool | None:
-    if value is None or not math.isfinite(value):
-        return None
-    if target["op"] == ">=":
-        return bool(value >= target["value"])
-    return bool(value <= target["value"])
+    rounds = _meta.rounds_for(sum(warm.values()), repeats, budget_s)
+    return _meta.round_robin(list(calls), rounds, run), outputs
 
 
 def check(key: str, value: float | None, **robust: float | None) -> dict[str, Any]:
-    """A target check on ``value`` (ratio of medians), plus noise-robust variants for reference.
-
-    ``robust`` holds e.g. ``min_based`` (ratio of the fastest repeats) and ``paired`` (median
-    over rounds of the per-round ratio); when their verdict differs the result is noise-bound.
-    """
-    target = TARGETS[key]
-    entry = {
-        "name": key.split(".", 1)[1],
-        "value": value,
-        "target": dict(target),
-        "passed": _passes(target, value),
-    }
-    for name, v in robust.items():
-        entry[name] = v
-        entry[f"{name}_passed"] = _passes(target, v)
-    verdicts = {entry["passed"], *(entry[f"{k}_passed"] for k in robust)}
-    entry["noise_bound"] = len(verdicts - {None}) > 1
-    return entry
+    """The check of target ``key`` on ``value`` and the noise-robust ``robust`` ratios."""
+    return _meta.target_check(key.split(".", 1)[1], TARGETS[key], value, **robust)
 
 
 def _ratios(variants: dict[str, dict[str, Any]], num: str, den: str) -> dict[str, float | None]:
@@ -373,16 +332,10 @@ def _ratios(variants: dict[str, dict[str, Any]], num: str, den: str) -> dict[str
     a, b = variants[num], variants[den]
     paired = [x / y for x, y in zip(a["seconds_all"], b["seconds_all"], strict=False) if y > 0]
     return {
-        "value": _ratio(a["seconds"], b["seconds"]),
-        "min_based": _ratio(a["seconds_min"], b["seconds_min"]),
+        "value": _meta.ratio(a["seconds"], b["seconds"]),
+        "min_based": _meta.ratio(a["seconds_min"], b["seconds_min"]),
         "paired": float(np.median(paired)) if paired else None,
     }
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None or den <= 0:
-        return None
-    return float(num) / float(den)
 
 
 def _max_abs_diff(backend: Backend, a: Any, b: Any) -> float:
@@ -466,7 +419,7 @@ def case_head_2d(backend: Backend, shape: tuple[int, ...], opts: argparse.Namesp
         "variants": variants,
         "checks": [
             check("head_2d.speedup", **_ratios(variants, "materialize", "factored")),
-            check("head_2d.memory_ratio", _ratio(mat.get("peak_bytes"), fac.get("peak_bytes"))),
+            check("head_2d.memory_ratio", _meta.ratio(mat.get("peak_bytes"), fac.get("peak_bytes"))),
         ],
         "max_abs_diff": _max_abs_diff(backend, outs["factored"], outs["materialize"]),
     }
@@ -521,7 +474,7 @@ def case_sequence(backend: Backend, shape: tuple[int, ...], opts: argparse.Names
         "checks": [
             check("sequence.auto_vs_best", **_ratios(variants, "auto", best_name)),
         ],
-        "ghost_vs_materialize": _ratio(variants["ghost"]["seconds"], variants["materialize"]["seconds"]),
+        "ghost_vs_materialize": _meta.ratio(variants["ghost"]["seconds"], variants["materialize"]["seconds"]),
         "max_abs_diff": max(
             _max_abs_diff(backend, outs["ghost"], outs["materialize"]),
             _max_abs_diff(backend, outs["auto"], outs["materialize"]),
@@ -741,6 +694,173 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = _meta.write_json(Path.cwd() / opts.out, doc)
     _meta.print_closing(doc, out, load_before, load_after)
     return 0
+
+
+# ----------------------------------------------------- render: results/core_ops.json
+
+
+def _check(entry: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in entry["checks"] if c["name"] == name)
+
+
+def _header_target(entries: list[dict[str, Any]], name: str) -> str:
+    return fmt_target(_check(entries[0], name)["target"]) if entries else ""
+
+
+def render(doc: dict[str, Any]) -> str:
+    results = doc["results"]
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_case.setdefault(r["case"], []).append(r)
+    checks = [c for r in results for c in r["checks"]]
+    passed = sum(c["passed"] is True for c in checks)
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (tiny shapes): the targets are meant for the full shapes.", ""]
+    noisy = sum(bool(c.get("noise_bound")) for c in checks)
+    line = f"**{passed} of {len(checks)} targets pass** (verdict on the ratio of medians)."
+    if noisy:
+        line += (
+            f" {noisy} verdict(s) are noise-bound: the ratio of the fastest repeats or the median "
+            "of per-round ratios lands on the other side of the target."
+        )
+    out.append(line)
+    failed = [
+        f"{r['backend']} {r['case']} {_shape_text(r)}: {c['name']} {fmt_ratio(c['value'])} "
+        f"(target {fmt_target(c['target'])}){' (noise-bound)' if c.get('noise_bound') else ''}"
+        for r in results
+        for c in r["checks"]
+        if c["passed"] is False
+    ]
+    if failed:
+        out += ["", "Failing:", ""] + [f"- {f}" for f in failed]
+    skipped = doc.get("skipped_backends") or {}
+    if skipped:
+        out += ["", "Skipped backends: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())]
+
+    head = by_case.get("head_2d", [])
+    if head:
+        out += [
+            "",
+            "### 2-D head: `linear_alignment` vs. materialised per-example gradients + `alignment`",
+            "",
+            table(
+                [
+                    "backend",
+                    "B",
+                    "d_in → d_out",
+                    "factored",
+                    "materialised",
+                    f"speedup (target {_header_target(head, 'speedup')})",
+                    "factored peak",
+                    "materialised peak",
+                    f"memory ratio (target {_header_target(head, 'memory_ratio')})",
+                    "RSS peak Δ fact. / mat.",
+                    "max abs diff",
+                ],
+                (
+                    [
+                        r["backend"],
+                        r["shapes"]["B"],
+                        f"{r['shapes']['d_in']} → {r['shapes']['d_out']}",
+                        fmt_seconds(r["variants"]["factored"]["seconds"]),
+                        fmt_seconds(r["variants"]["materialize"]["seconds"]),
+                        fmt_check(_check(r, "speedup")),
+                        fmt_bytes(r["variants"]["factored"].get("peak_bytes")),
+                        fmt_bytes(r["variants"]["materialize"].get("peak_bytes")),
+                        fmt_check(_check(r, "memory_ratio")),
+                        f"{fmt_bytes(r['variants']['factored'].get('rss_peak_delta_bytes'))} / "
+                        f"{fmt_bytes(r['variants']['materialize'].get('rss_peak_delta_bytes'))}",
+                        f"{r.get('max_abs_diff', float('nan')):.1e}",
+                    ]
+                    for r in head
+                ),
+            ),
+        ]
+
+    seq = by_case.get("sequence", [])
+    if seq:
+        out += [
+            "",
+            '### Sequence head: `linear_alignment(method="ghost" | "materialize" | "auto")`',
+            "",
+            table(
+                [
+                    "backend",
+                    f"B {TIMES} T",
+                    "d_in → d_out",
+                    "ghost",
+                    "materialize",
+                    "auto (picks)",
+                    "faster",
+                    f"auto / faster (target {_header_target(seq, 'auto_vs_best')})",
+                    "peak ghost / mat.",
+                    "max abs diff",
+                ],
+                (
+                    [
+                        r["backend"],
+                        f"{r['shapes']['B']} {TIMES} {r['shapes']['T']}",
+                        f"{r['shapes']['d_in']} → {r['shapes']['d_out']}",
+                        fmt_seconds(r["variants"]["ghost"]["seconds"]),
+                        fmt_seconds(r["variants"]["materialize"]["seconds"]),
+                        f"{fmt_seconds(r['variants']['auto']['seconds'])} ({r.get('auto_choice') or '?'})",
+                        r.get("best", "?"),
+                        fmt_check(_check(r, "auto_vs_best")),
+                        f"{fmt_bytes(r['variants']['ghost'].get('peak_bytes'))} / "
+                        f"{fmt_bytes(r['variants']['materialize'].get('peak_bytes'))}",
+                        f"{r.get('max_abs_diff', float('nan')):.1e}",
+                    ]
+                    for r in seq
+                ),
+            ),
+        ]
+
+    dense = by_case.get("dense", [])
+    if dense:
+        out += [
+            "",
+            "### Dense: `alignment(X, v)` vs. the floor `X @ v` + row norms",
+            "",
+            table(
+                [
+                    "backend",
+                    f"B {TIMES} N",
+                    "alignment",
+                    "floor",
+                    f"alignment / floor (target {_header_target(dense, 'vs_floor')})",
+                    "`X @ v` alone",
+                    "`xp.vecdot(X, X)` alone",
+                    "native row norms alone",
+                ],
+                (
+                    [
+                        r["backend"],
+                        f"{r['shapes']['B']} {TIMES} {r['shapes']['N']}",
+                        fmt_seconds(r["variants"]["alignment"]["seconds"]),
+                        fmt_seconds(r["variants"]["floor"]["seconds"]),
+                        fmt_check(_check(r, "vs_floor")),
+                        fmt_seconds(r.get("components", {}).get("matvec", {}).get("seconds")),
+                        fmt_seconds(r.get("components", {}).get("xp_vecdot_rows", {}).get("seconds")),
+                        fmt_seconds(r.get("components", {}).get("native_row_norms", {}).get("seconds")),
+                    ]
+                    for r in dense
+                ),
+            ),
+        ]
+
+    method = doc.get("method", {})
+    out += ["", "<details><summary>How this was measured</summary>", ""]
+    if method.get("timing"):
+        out += [f"- Timing: {method['timing']}"]
+    for backend, text in method.get("memory", {}).items():
+        out += [f"- Memory ({backend}): {text}"]
+    out += ["", "</details>"]
+    return "\n".join(out)
+
+
+def _shape_text(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r["shapes"].items())
 
 
 if __name__ == "__main__":

@@ -52,6 +52,14 @@ def _threads_from_argv(argv: Sequence[str]) -> int:
 
 
 from benchmarks import _meta  # noqa: E402
+from benchmarks._render import (  # noqa: E402
+    fmt_bytes,
+    fmt_check,
+    fmt_ratio,
+    fmt_seconds,
+    machine_line,
+    table,
+)
 
 # XLA reads its flags once, at backend start: set them before jax is imported.
 THREADS = _threads_from_argv(sys.argv[1:]) if __name__ == "__main__" else 1
@@ -238,25 +246,16 @@ def time_batch(batch: int, opts: argparse.Namespace) -> dict[str, Any]:
                 runs[v]["first_call_seconds"] = elapsed
         return elapsed
 
-    def interleave(names: list[str], rounds: int) -> dict[str, list[float]]:
-        times: dict[str, list[float]] = {v: [] for v in names}
-        for r in range(rounds):
-            gc.collect()
-            for v in names[r % len(names) :] + names[: r % len(names)]:
-                times[v].append(call(v))
-        return times
-
     close = [v for v in opts.variants if v != "transform"]
     for v in close:
         setup(v)
-    per_round = sum(warm_up(v) for v in close)
-    rounds = max(3, min(opts.repeats, int(opts.budget / per_round) if per_round > 0 else opts.repeats))
-    times = interleave(close, rounds)
+    rounds = _meta.rounds_for(sum(warm_up(v) for v in close), opts.repeats, opts.budget)
+    times = _meta.round_robin(close, rounds, call)
     plain_times = {v: times["plain"] for v in close}
     if "transform" in opts.variants:
         setup("transform")
         warm_up("transform")
-        phase2 = interleave(["plain", "transform"], max(1, opts.transform_repeats))
+        phase2 = _meta.round_robin(["plain", "transform"], max(1, opts.transform_repeats), call)
         times["transform"] = phase2["transform"]
         plain_times["transform"] = phase2["plain"]
     return {"times": times, "plain_times": plain_times, "runs": runs}
@@ -284,26 +283,9 @@ def agreement(batch: int, opts: argparse.Namespace) -> dict[str, Any]:
     return {"B": batch, "max_abs_param_diff_efficient_vs_transform": diff, "max_abs_weight_diff": wdiff}
 
 
-def _passes(target: dict[str, Any], value: float | None) -> bool | None:
-    if value is None:
-        return None
-    return bool(value >= target["value"]) if target["op"] == ">=" else bool(value <= target["value"])
-
-
 def check(key: str, value: float | None, min_based: float | None, paired: float | None) -> dict[str, Any]:
     """The verdict on the ratio of medians; noise-bound when a robust ratio lands on the other side."""
-    target = TARGETS[key]
-    passed = _passes(target, value)
-    others = {_passes(target, min_based), _passes(target, paired)} - {None}
-    return {
-        "name": key,
-        "value": value,
-        "target": dict(target),
-        "passed": passed,
-        "min_based": min_based,
-        "paired": paired,
-        "noise_bound": bool(others - {passed}),
-    }
+    return _meta.target_check(key, TARGETS[key], value, min_based=min_based, paired=paired)
 
 
 # --------------------------------------------------------------------------- machine
@@ -486,6 +468,104 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks = [c for r in results for c in r["checks"]]
     print(f"{sum(c['passed'] is True for c in checks)} of {len(checks)} targets pass; wrote {opts.out}")
     return 0
+
+
+# ----------------------------------------------------- render: results/jax_overhead.json
+
+
+_JO_VARIANTS = (("plain", "plain"), ("efficient", "efficient path"), ("transform", "transformation"))
+
+
+def _jo_cell(entry: dict[str, Any] | None) -> str:
+    if not entry or "seconds" not in entry:
+        return "n/a"
+    return f"{fmt_seconds(entry['seconds'])} ({fmt_ratio(entry['ratio_to_plain'])})"
+
+
+def render(doc: dict[str, Any]) -> str:
+    results = doc["results"]
+    index = {(r["B"], r["variant"]): r for r in results}
+    batches = list(dict.fromkeys(r["B"] for r in results))
+    present = {r["variant"] for r in results}
+    variants = [(k, t) for k, t in _JO_VARIANTS if k in present]
+    checks = [(r, c) for r in results for c in r.get("checks", [])]
+    passed = sum(c["passed"] is True for _, c in checks)
+    noisy = sum(bool(c.get("noise_bound")) for _, c in checks)
+    versions = doc.get("machine", {}).get("versions", {})
+    model = doc.get("model", {})
+
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (B=64 only, few repeats): the targets are meant for the full run.", ""]
+    out += [
+        f"Model: {model.get('layers', '?')}, {model.get('params', 0):,} parameters, "
+        f"{model.get('optimizer', '?')}; GradTail: {model.get('gradtail', '?')}. jaxlib "
+        f"{versions.get('jaxlib', '?')}, optax {versions.get('optax', '?')}. One step = one call of the "
+        "jitted step function (forward, gradient, update).",
+        "",
+        f"**{passed} of {len(checks)} targets pass** (verdict on the ratio of medians)"
+        + (
+            f"; {noisy} verdict(s) are noise-bound: the ratio of the fastest calls or the median of "
+            "per-round ratios lands on the other side of the target."
+            if noisy
+            else "."
+        ),
+        "",
+        table(
+            ["target", "where", "measured", "paired", "min-based"],
+            (
+                [
+                    c["target"]["text"],
+                    f"B={r['B']}, {r['variant']}",
+                    fmt_check(c),
+                    fmt_ratio(c.get("paired")),
+                    fmt_ratio(c.get("min_based")),
+                ]
+                for r, c in checks
+            ),
+        ),
+        "",
+        "### Step time (median; ratio to the plain jitted step)",
+        "",
+        table(
+            ["B", *(t for _, t in variants), "compiled once", "XLA temp memory", "per-example gradients"],
+            (
+                [
+                    b,
+                    *(_jo_cell(index.get((b, k))) for k, _ in variants),
+                    " / ".join(str(index.get((b, k), {}).get("cache_size", "?")) for k, _ in variants),
+                    " / ".join(fmt_bytes(index.get((b, k), {}).get("temp_bytes")) for k, _ in variants),
+                    fmt_bytes(index.get((b, "transform"), {}).get("per_example_grad_bytes")),
+                ]
+                for b in batches
+            ),
+        ),
+        "",
+        "*compiled once*: `jax.jit(step)._cache_size()` after timing (1 = no retracing); *XLA temp "
+        "memory*: scratch bytes of one call, from the compiled step's memory analysis; both in the "
+        "column order " + ", ".join(t for _, t in variants) + ".",
+    ]
+    sanity = doc.get("sanity") or []
+    if sanity:
+        out += [""] + [
+            f"Check (B={s['B']}): after 3 steps from the same start, efficient path vs. transformation: "
+            f"max |parameter difference| {s['max_abs_param_diff_efficient_vs_transform']:.1e}, max |weight "
+            f"difference| {s['max_abs_weight_diff']:.1e}."
+            for s in sanity
+        ]
+    method = doc.get("method", {})
+    out += ["", "<details><summary>How this was measured</summary>", ""]
+    if method.get("timing"):
+        out += [f"- Timing: {method['timing']}"]
+    if method.get("memory"):
+        out += [f"- Memory: {method['memory']}"]
+    threads = doc.get("machine", {}).get("threads", {})
+    if threads.get("xla_flags"):
+        out += [f"- `XLA_FLAGS={threads['xla_flags']}`."]
+    for key, text in (doc.get("variants") or {}).items():
+        out += [f"- `{key}`: {text}"]
+    out += ["", "</details>"]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

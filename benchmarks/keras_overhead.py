@@ -36,6 +36,14 @@ for _p in (REPO, REPO / "adapters"):  # run from a checkout without installing
         sys.path.insert(0, str(_p))
 
 from benchmarks import _meta  # noqa: E402
+from benchmarks._render import (  # noqa: E402
+    fmt_check,
+    fmt_ratio,
+    fmt_seconds,
+    fmt_target,
+    machine_line,
+    table,
+)
 
 BENCHMARK = "keras_overhead"
 SCHEMA_VERSION = 1
@@ -55,23 +63,9 @@ TIMING_METHOD = (
 )
 
 
-def _passes(value: float | None) -> bool | None:
-    return None if value is None else bool(value <= TARGET_VALUE)
-
-
 def check(value: float, min_based: float, paired: float) -> dict[str, Any]:
     """The verdict on the ratio of medians; noise-bound when a robust ratio lands on the other side."""
-    passed = _passes(value)
-    others = {_passes(min_based), _passes(paired)} - {None}
-    return {
-        "name": "epoch_ratio",
-        "value": value,
-        "target": dict(TARGET),
-        "passed": passed,
-        "min_based": min_based,
-        "paired": paired,
-        "noise_bound": bool(others - {passed}),
-    }
+    return _meta.target_check("epoch_ratio", TARGET, value, min_based=min_based, paired=paired)
 
 
 # ------------------------------------------------------------------------------ worker
@@ -127,11 +121,7 @@ def time_model(opts: argparse.Namespace, name: str, sizes: Sequence[int]) -> dic
 
     first = {variant: epoch(variant) for variant in models}
     cpu = {variant: [] for variant in models}  # the warm-up epochs are not timed
-    times: dict[str, list[float]] = {variant: [] for variant in models}
-    order = list(models)
-    for r in range(opts.repeats):
-        for variant in order[r % 2 :] + order[: r % 2]:
-            times[variant].append(epoch(variant))
+    times = _meta.round_robin(list(models), opts.repeats, epoch)
     plain, gradtail = times["plain"], times["gradtail"]
     cpu_plain, cpu_gradtail = cpu["plain"], cpu["gradtail"]
     ratio = statistics.median(gradtail) / statistics.median(plain)
@@ -257,6 +247,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     _meta.write_json(opts.out, doc)
     _meta.print_closing(doc, opts.out, load_before, load_after)
     return 0
+
+
+# ----------------------------------------------------- render: results/keras_overhead.json
+
+
+def render(doc: dict[str, Any]) -> str:
+    results = doc["results"]
+    checks = [c for r in results for c in r.get("checks", [])]
+    passed = sum(c["passed"] is True for c in checks)
+    versions = doc.get("machine", {}).get("versions", {})
+    model = doc.get("model", {})
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (fewer examples and rounds): the target is for the full run.", ""]
+    out += [
+        f"Models: {', '.join(f'`{k}` {v}' for k, v in (model.get('layers') or {}).items())} "
+        f"({model.get('activations', '?')}), {model.get('optimizer', '?')}, {model.get('loss', '?')}; "
+        f"{doc.get('examples', '?')} examples, batch {doc.get('batch', '?')}; GradTail: "
+        f"{model.get('gradtail', '?')}. Keras {versions.get('keras', '?')}. One epoch = one "
+        "`model.fit(..., epochs=1, verbose=0)` call.",
+        "",
+        f"**{passed} of {len(checks)} targets pass** (verdict on the ratio of medians).",
+        "",
+        table(
+            [
+                "backend",
+                "model",
+                "epoch without",
+                "epoch with GradTailCallback",
+                f"ratio (target {fmt_target(checks[0]['target'])})" if checks else "ratio",
+                "paired",
+                "min-based",
+                "CPU-time ratio / paired",
+                "extra per step",
+                "first epoch without / with",
+            ],
+            (
+                [
+                    f"`{r['backend']}`",
+                    f"`{r['model']}`",
+                    fmt_seconds(r["seconds"]["plain"]),
+                    fmt_seconds(r["seconds"]["gradtail"]),
+                    fmt_check(r["checks"][0]),
+                    fmt_ratio(r.get("ratio_paired")),
+                    fmt_ratio(r.get("ratio_min_based")),
+                    f"{fmt_ratio(r.get('ratio_cpu'))} / {fmt_ratio(r.get('ratio_cpu_paired'))}",
+                    fmt_seconds((r["seconds"]["gradtail"] - r["seconds"]["plain"]) / r["steps_per_epoch"]),
+                    f"{fmt_seconds(r['first_epoch_seconds']['plain'])} / "
+                    f"{fmt_seconds(r['first_epoch_seconds']['gradtail'])}",
+                ]
+                for r in results
+            ),
+        ),
+        "",
+        "*extra per step*: (median epoch with - without) / steps per epoch. *first epoch*: the "
+        "warm-up epoch, which includes tracing and compiling the train step (JAX). *CPU-time "
+        "ratio*: the same ratios from the process CPU time of each epoch (not the checked value; "
+        "less moved by other processes' load).",
+    ]
+    method = doc.get("method", {})
+    if method.get("timing"):
+        out += ["", f"Timing: {method['timing']}"]
+    out += ["", f"Regenerate: `{doc.get('command', 'python benchmarks/keras_overhead.py')}`, then render."]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import shutil
 import statistics
@@ -84,10 +83,18 @@ from torch import nn  # noqa: E402
 
 import gradtail_ops  # noqa: E402
 from benchmarks import _meta  # noqa: E402
+from benchmarks._render import (  # noqa: E402
+    fmt_bytes,
+    fmt_ratio,
+    fmt_seconds,
+    machine_line,
+    table,
+)
+from benchmarks.longtail.models import ARCH_TEXT  # noqa: E402
+from benchmarks.longtail.models import build_model as build_arch_model  # noqa: E402
 from gradtail_ops import (  # noqa: E402
     DEFAULT_CURVE,
     DEFAULT_DECAY,
-    EMAState,
     ema_init,
     inverse_norms,
     linear_dots_and_sq_norms,
@@ -95,7 +102,7 @@ from gradtail_ops import (  # noqa: E402
     score_and_update,
     weighted_batch_mean,
 )
-from gradtail_ops._tree import leaves, map_leaves  # noqa: E402
+from gradtail_ops._tree import leaves  # noqa: E402
 from gradtail_torch import GradTail  # noqa: E402
 
 BENCHMARK = "torch_overhead"
@@ -114,13 +121,8 @@ VARIANTS = (
     "gt_all_weights",
     "func_head",
     "opacus_all",
-    "gt_head_fastema",
-    "gt_all_backward_fastema",
 )
 GT_VARIANTS = ("gt_head", "gt_all_backward", "gt_all_weights")
-# Benchmark-side prototypes of a fix (gradtail_ops.step.ema_update swapped for `fast_ema_update`
-# during their steps); no target applies to them.
-PROTO_VARIANTS = ("gt_head_fastema", "gt_all_backward_fastema")
 VARIANT_TEXT = {
     "plain": "plain step, mean cross-entropy",
     "gt_head": "GradTail(head): gt.weights(loss), (w * loss).mean().backward()",
@@ -128,8 +130,6 @@ VARIANT_TEXT = {
     "gt_all_weights": "GradTail(model), every nn.Linear: gt.weights(loss) + weighted backward",
     "func_head": "torch.func vmap(grad) per-example head gradients + score_and_update + weighted backward",
     "opacus_all": "Opacus GradSampleModule (whole model) + score_and_update + weighted mean .grad",
-    "gt_head_fastema": "gt_head with the prototype fast_ema_update (benchmark-side patch)",
-    "gt_all_backward_fastema": "gt_all_backward with the prototype fast_ema_update (benchmark-side patch)",
 }
 
 TARGETS = {
@@ -207,6 +207,15 @@ MEMORY_METHOD = {
 DIMS = (D_IN, HIDDEN, CLASSES)
 TINY_DIMS = (16, 16, 10)  # warms the code paths (pages in library code) before a memory baseline
 
+# Image models of the long-tail suite (benchmarks/longtail/models.py) on 28x28 inputs, 10 classes:
+# plain vs. GradTail on the head vs. GradTail(model) (every nn.Linear; weights + weighted backward,
+# as the suite trains them), timed side by side; peak memory in-process.
+ARCHS = ("cnn", "vit")
+ARCH_CLASSES = 10
+ARCH_VARIANTS = ("plain", "gt_head", "gt_all_weights")
+ARCH_BATCHES_FULL = (128,)
+ARCH_BATCHES_QUICK = (32,)
+
 
 def build_model(head_width: int, seed: int, dims: tuple[int, int, int] = DIMS) -> nn.Sequential:
     d_in, hidden, classes = dims
@@ -244,13 +253,24 @@ class Step:
     """One variant's model, optimizer and GradTail objects; ``step(x, y)`` runs one step."""
 
     def __init__(
-        self, variant: str, head_width: int, seed: int, lr: float, dims: tuple[int, int, int] = DIMS
+        self,
+        variant: str,
+        head_width: int,
+        seed: int,
+        lr: float,
+        dims: tuple[int, int, int] = DIMS,
+        *,
+        arch: str | None = None,
     ) -> None:
         self.variant = variant
-        self.model = build_model(head_width, seed, dims)
+        if arch is None:
+            self.model: nn.Module = build_model(head_width, seed, dims)
+        else:
+            torch.manual_seed(seed)
+            self.model = build_arch_model(arch, D_IN, ARCH_CLASSES)
         self.model.train()
-        self.head = self.model[-1]
-        self.body = self.model[:-1]
+        self.head = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1]
+        self.body = self.model[:-1] if isinstance(self.model, nn.Sequential) else None
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr)
         self.gt: GradTail | None = None
         self.state = None
@@ -267,12 +287,6 @@ class Step:
         elif variant == "gt_all_weights":
             self.gt = GradTail(self.model)
             self.step = self._gt_weights
-        elif variant == "gt_head_fastema":
-            self.gt = GradTail(self.head)
-            self.step = with_fast_ema(self._gt_weights)
-        elif variant == "gt_all_backward_fastema":
-            self.gt = GradTail(self.model)
-            self.step = with_fast_ema(self._gt_backward)
         elif variant == "func_head":
             self.state = ema_init([self.head.weight.detach(), self.head.bias.detach()])
             self.step = self._func_head
@@ -315,6 +329,7 @@ class Step:
 
         head = self.head
         self.opt.zero_grad(set_to_none=True)
+        assert self.body is not None, "func_head needs the MLP (nn.Sequential) models"
         h = self.body(x)
         loss = F.cross_entropy(head(h), y, reduction="none")
         params = {k: v.detach() for k, v in head.named_parameters()}
@@ -355,64 +370,6 @@ class Step:
         if state is not None:
             total += sum(t.numel() * t.element_size() for t in leaves(state.mean))
         return total
-
-
-def fast_ema_update(state: EMAState, batch_mean_grad: Any, /, *, decay: float | torch.Tensor) -> EMAState:
-    """Prototype of a cheaper ``gradtail_ops.ema_update`` for torch (same results, new tensors).
-
-    The package's version makes ~10 full passes over every reference-sized array per step
-    (isfinite = eq + abs + ne, all, sub, mul, add, two wheres), each into a fresh buffer.
-    Here: one ``sum`` per leaf decides finiteness (a finite sum implies finite entries; only a
-    non-finite sum, i.e. a non-finite entry or an overflow, falls back to the exact
-    elementwise test), and one ``torch.lerp`` per leaf moves the mean.
-    """
-    old, new = leaves(state.mean), leaves(batch_mean_grad)
-    dtype = state.total.dtype
-    sums = torch.stack([g.sum(dtype=dtype) for g in new])
-    finite = bool(torch.isfinite(sums).all()) or all(bool(torch.isfinite(g).all()) for g in new)
-    if not finite:
-        return state
-    d = torch.as_tensor(decay, dtype=dtype).clamp(0.0, 1.0)
-    total = d * state.total + (1.0 - d)
-    rate = float((1.0 - d) / total) if float(total) > 0 else 0.0
-    moved = [
-        g.to(dtype, copy=True) if rate == 1.0 else torch.lerp(m, g.to(dtype), rate)
-        for m, g in zip(old, new, strict=True)
-    ]
-    it = iter(moved)
-    mean = map_leaves(lambda _m: next(it), state.mean)
-    return EMAState(mean=mean, total=total, count=state.count + 1)
-
-
-def with_fast_ema(
-    step: Callable[[torch.Tensor, torch.Tensor], Any],
-) -> Callable[[torch.Tensor, torch.Tensor], Any]:
-    import gradtail_ops.step as step_mod
-
-    def patched(x: torch.Tensor, y: torch.Tensor) -> Any:
-        original = step_mod.ema_update
-        step_mod.ema_update = fast_ema_update
-        try:
-            return step(x, y)
-        finally:
-            step_mod.ema_update = original
-
-    return patched
-
-
-def fast_ema_agreement(head_width: int, batch: int, opts: argparse.Namespace) -> float:
-    """Max |difference| of the reference states after 3 identical steps, package vs. prototype."""
-    x, y = make_batch(batch, opts.seed)
-    a, b = (
-        Step("gt_all_backward", head_width, opts.seed, 0.0),
-        Step("gt_all_backward_fastema", head_width, opts.seed, 0.0),
-    )
-    for _ in range(3):
-        a.step(x, y)
-        b.step(x, y)
-    sa, sb = a.gt.state, b.gt.state  # type: ignore[union-attr]
-    diffs = [float((u - v).abs().max()) for u, v in zip(leaves(sa.mean), leaves(sb.mean), strict=True)]
-    return max([*diffs, float((sa.total - sb.total).abs()), float((sa.count - sb.count).abs())])
 
 
 class HeadKernel:
@@ -480,45 +437,14 @@ def time_config(
     warm: dict[str, float] = {}
     for name, call in calls.items():
         for _ in range(opts.warmup):
-            start = time.perf_counter()
-            call()
-            warm[name] = time.perf_counter() - start
-    per_round = sum(warm.values())
-    rounds = max(3, min(opts.repeats, int(opts.budget / per_round) if per_round > 0 else opts.repeats))
-    names = list(calls)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        gc.collect()
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
+            warm[name] = _meta.timed(call)
+    rounds = _meta.rounds_for(sum(warm.values()), opts.repeats, opts.budget)
+    times = _meta.round_robin(list(calls), rounds, lambda name: _meta.timed(calls[name]))
     kernel_times = times.pop("kernel")
     return times, kernel_times
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _read_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return False
-    return True
 
 
 def profiler_peak(call: Callable[[], Any]) -> tuple[int, int]:
@@ -536,14 +462,7 @@ def profiler_peak(call: Callable[[], Any]) -> tuple[int, int]:
         call()
         with record_function("measured_step"):
             call()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as fh:
-            trace = json.load(fh)
-    finally:
-        os.unlink(path)
+    trace = _meta.chrome_trace(prof)
     events = trace.get("traceEvents", [])
     span = next(e for e in events if e.get("name") == "measured_step" and e.get("ph") == "X")
     start, stop = float(span["ts"]), float(span["ts"]) + float(span.get("dur", 0))
@@ -579,7 +498,7 @@ def measure_memory(
             tiny.step(tx, ty)
         del tiny, tx, ty
         gc.collect()
-        baseline = _read_status_kib("VmRSS")
+        baseline = _meta.read_status_kib("VmRSS")
         x, y = make_batch(batch, seed)
         s = Step(variant, head_width, seed, lr)
         for _ in range(warmup):
@@ -591,11 +510,11 @@ def measure_memory(
             "persistent_bytes": s.persistent_bytes(x, y),
             "grad_bytes_between_steps": grads,
         }
-        hwm_before = _read_status_kib("VmHWM") or 0
-        if rss and baseline is not None and reset_peak_rss():
+        hwm_before = _meta.read_status_kib("VmHWM") or 0
+        if rss and baseline is not None and _meta.reset_peak_rss():
             gc.collect()
             s.step(x, y)
-            peak_kib = _read_status_kib("VmHWM")
+            peak_kib = _meta.read_status_kib("VmHWM")
             out["rss_peak_above_baseline_bytes"] = None if peak_kib is None else (peak_kib - baseline) * 1024
         transient, net = profiler_peak(lambda: s.step(x, y))
         out["step_transient_bytes"] = transient
@@ -603,8 +522,69 @@ def measure_memory(
         out["step_peak_bytes"] = out["persistent_bytes"] + grads + transient
     if rss:
         # Not ru_maxrss: Linux folds the parent's RSS at fork into a child's ru_maxrss.
-        out["process_peak_rss_bytes"] = max(hwm_before, _read_status_kib("VmHWM") or 0) * 1024
+        out["process_peak_rss_bytes"] = max(hwm_before, _meta.read_status_kib("VmHWM") or 0) * 1024
     return out
+
+
+def step_memory(s: Step, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """In-process memory of a warmed-up step: its persistent tensors, the gradients the previous
+    step left, and the allocator's peak growth during one step (``profiler_peak``)."""
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in s.model.parameters() if p.grad is not None)
+    transient, net = profiler_peak(lambda: s.step(x, y))
+    persistent = s.persistent_bytes(x, y)
+    return {
+        "persistent_bytes": persistent,
+        "grad_bytes_between_steps": grads,
+        "step_transient_bytes": transient,
+        "step_net_bytes": net,
+        "step_peak_bytes": persistent + grads + transient,
+    }
+
+
+def arch_rows(arch: str, batch: int, opts: argparse.Namespace) -> list[dict[str, Any]]:
+    """Step time (interleaved rounds, median) and in-process peak memory of ``ARCH_VARIANTS`` on
+    the long-tail suite's ``arch`` model; a variant whose GradTail cannot track the model (or
+    fails in its first steps) is recorded as skipped with the error."""
+    g = torch.Generator().manual_seed(opts.seed + batch)
+    x, y = torch.rand(batch, D_IN, generator=g), torch.randint(0, ARCH_CLASSES, (batch,), generator=g)
+    steps: dict[str, Step] = {}
+    skipped: dict[str, str] = {}
+    warm: dict[str, float] = {}
+    for v in ARCH_VARIANTS:
+        try:
+            s = Step(v, 0, opts.seed, opts.lr, arch=arch)
+            for _ in range(opts.warmup):
+                warm[v] = _meta.timed(lambda s=s: s.step(x, y))  # type: ignore[misc]
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            skipped[v] = f"{type(exc).__name__}: {exc}"
+            continue
+        steps[v] = s
+    rounds = _meta.rounds_for(sum(warm.values()), opts.repeats, opts.budget)
+    times = _meta.round_robin(list(steps), rounds, lambda v: _meta.timed(lambda: steps[v].step(x, y)))
+    memory = {v: step_memory(st, x, y) for v, st in steps.items()}
+    plain_s = statistics.median(times["plain"])
+    plain_peak = memory["plain"]["step_peak_bytes"]
+    rows: list[dict[str, Any]] = []
+    for v in ARCH_VARIANTS:
+        row: dict[str, Any] = {"arch": arch, "B": batch, "variant": v}
+        if v in skipped:
+            rows.append(row | {"skipped": skipped[v]})
+            continue
+        seconds = statistics.median(times[v])
+        row |= {
+            "params": n_params(steps[v].model),
+            "seconds": seconds,
+            "seconds_min": min(times[v]),
+            "repeats": len(times[v]),
+            "ratio_to_plain": seconds / plain_s,
+            "peak_bytes": memory[v]["step_peak_bytes"],
+            "peak_ratio_to_plain": _meta.ratio(memory[v]["step_peak_bytes"], plain_peak),
+            "memory": memory[v],
+        }
+        if steps[v].gt is not None:
+            row["tracked_linears"] = len(steps[v].gt.layers)
+        rows.append(row)
+    return rows
 
 
 def memory_subprocess(variant: str, head_width: int, batch: int, opts: argparse.Namespace) -> dict[str, Any]:
@@ -776,31 +756,7 @@ def profile_breakdown(head_width: int, batch: int, opts: argparse.Namespace) -> 
             gt_label = "gt.backward" if v == "gt_all_backward" else "gt.weights"
             entry["profiler_top_ops"] = top_ops_under(prof, gt_label, k)
         result["variants"][v] = entry
-    result["ema_update_ms"] = ema_comparison(steps["gt_head"], steps["gt_all_backward"])
     return result
-
-
-def ema_comparison(head: Step, every: Step, repeats: int = 7) -> dict[str, dict[str, float]]:
-    """``ema_update`` (package) vs. ``fast_ema_update`` (prototype) alone, on the real states."""
-    from gradtail_ops import ema_update
-
-    out = {}
-    for name, s in (("head", head), ("all_linears", every)):
-        assert s.gt is not None
-        state = s.gt.state
-        batch = state.mean  # any reference of the right structure
-        row = {}
-        for label, fn in (("package", ema_update), ("prototype", fast_ema_update)):
-            fn(state, batch, decay=DEFAULT_DECAY)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn(state, batch, decay=DEFAULT_DECAY)
-                times.append(time.perf_counter() - start)
-            row[label] = 1e3 * statistics.median(times)
-        row["reference_floats"] = float(sum(t.numel() for t in leaves(state.mean)))
-        out[name] = row
-    return out
 
 
 def top_ops_under(prof: Any, label: str, steps: int, limit: int = 12) -> list[dict[str, Any]]:
@@ -827,20 +783,7 @@ def top_ops_under(prof: Any, label: str, steps: int, limit: int = 12) -> list[di
 
 
 def check(key: str, value: float | None) -> dict[str, Any]:
-    target = TARGETS[key]
-    if value is None or not math.isfinite(value):
-        passed = None
-    elif target["op"] == ">=":
-        passed = bool(value >= target["value"])
-    else:
-        passed = bool(value <= target["value"])
-    return {"name": key, "value": value, "target": dict(target), "passed": passed}
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None or den <= 0:
-        return None
-    return float(num) / float(den)
+    return _meta.target_check(key, TARGETS[key], value)
 
 
 def checks_for(head: str, batch: int, variant: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -934,8 +877,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--variants",
-        default=",".join(v for v in VARIANTS if v not in PROTO_VARIANTS),
-        help="comma-separated subset of " + ",".join(VARIANTS) + " (the *_fastema prototypes are opt-in)",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of " + ",".join(VARIANTS),
     )
     p.add_argument(
         "--repeats", type=int, default=None, help="timed rounds per (head, B) (default 11; quick 3)"
@@ -987,9 +930,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="import the package from the working tree instead of a copy taken at the start",
     )
+    p.add_argument(
+        "--archs",
+        default=",".join(ARCHS),
+        help="comma-separated subset of " + ",".join(ARCHS) + " (the long-tail suite's image models; "
+        "empty: none)",
+    )
+    p.add_argument(
+        "--arch-batches", default=None, help="batch sizes of the --archs rows (default 128; quick 32)"
+    )
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    for a in args.archs:
+        if a not in ARCHS:
+            p.error(f"unknown arch {a!r}; choose from {ARCHS}")
+    if args.arch_batches is None:
+        args.arch_batches = list(ARCH_BATCHES_QUICK if args.quick else ARCH_BATCHES_FULL)
+    else:
+        args.arch_batches = [int(b) for b in args.arch_batches.split(",") if b.strip()]
     for h in args.heads:
         if h not in HEADS:
             p.error(f"unknown head {h!r}; choose from {tuple(HEADS)}")
@@ -1121,10 +1081,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if v in memory:
                     entry["memory"] = memory[v]
                     entry["peak_bytes"] = memory[v].get("step_peak_bytes")
-                    ratio = _ratio(entry["peak_bytes"], plain_peak)
+                    ratio = _meta.ratio(entry["peak_bytes"], plain_peak)
                     if ratio is not None:
                         entry["peak_ratio_to_plain"] = ratio
-                    rss_ratio = _ratio(
+                    rss_ratio = _meta.ratio(
                         memory[v].get("rss_peak_above_baseline_bytes"),
                         memory["plain"].get("rss_peak_above_baseline_bytes"),
                     )
@@ -1136,8 +1096,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if {"gt_all_backward", "gt_all_weights"} <= set(runnable) and batch == min(opts.batches):
                 item: dict[str, Any] = {"head": head, "B": batch}
                 item["max_abs_grad_diff_bookkeeping_vs_weighted"] = grad_agreement(width, batch, opts)
-                if "gt_all_backward_fastema" in runnable:
-                    item["max_abs_state_diff_fast_ema_vs_package"] = fast_ema_agreement(width, batch, opts)
                 sanity.append(item)
             gc.collect()
     profiles = []
@@ -1146,6 +1104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             profiles.append(profile_breakdown(HEADS[head], opts.profile_batch, opts))
             print(f"[profile {head} B={opts.profile_batch}] {time.perf_counter() - t0:.0f} s", flush=True)
+    arch_results: list[dict[str, Any]] = []
+    for arch in opts.archs:
+        for batch in opts.arch_batches:
+            t0 = time.perf_counter()
+            arch_results += arch_rows(arch, batch, opts)
+            print(f"[{arch} B={batch}] {time.perf_counter() - t0:.0f} s", flush=True)
+            for e in arch_results[-len(ARCH_VARIANTS) :]:
+                print(_fmt_row(e), flush=True)
     load_after = _meta.load_average()
     machine = machine_info(opts, git_start)  # git: the snapshot's commit, taken at the start
     machine |= _meta.load_fields(load_before, load_after)
@@ -1207,10 +1173,269 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kernel": kernels,
         "sanity": sanity,
         "profile": profiles,
+        "arch_models": {a: ARCH_TEXT[a] for a in opts.archs},
+        "arch_results": arch_results,
     }
     out = _meta.write_json(Path.cwd() / opts.out, doc)
     _meta.print_closing(doc, out, load_before, load_after)
     return 0
+
+
+# ----------------------------------------------------- render: results/torch_overhead.json
+
+
+_TO_VARIANTS = (
+    ("plain", "plain"),
+    ("gt_head", "GradTail head"),
+    ("gt_all_backward", "GradTail all, `gt.backward`"),
+    ("gt_all_weights", "GradTail all, weights + backward"),
+    ("func_head", "torch.func head"),
+    ("opacus_all", "Opacus all"),
+)
+# Profile spans shown as columns (label in the JSON, column header).
+_TO_SPANS = (
+    ("forward", "forward"),
+    ("autograd.grad (output grads)", "`autograd.grad`"),
+    ("dots_and_sq_norms", "dots + norms"),
+    ("reference mean grad", "reference mean grad"),
+    ("ema_update", "`ema_update`"),
+    ("book-keeping grads", "book-keeping grads"),
+    ("weighted backward", "weighted backward"),
+    ("backward", "backward"),
+    ("optimizer", "SGD step"),
+)
+
+
+def _to_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return ""
+    if entry.get("skipped"):
+        return "skipped"
+    return f"{fmt_seconds(entry['seconds'])} ({fmt_ratio(entry['ratio_to_plain'])})"
+
+
+def _to_mem_cell(entry: dict[str, Any] | None, plain: dict[str, Any] | None = None) -> str:
+    if entry is None:
+        return ""
+    if entry.get("skipped"):
+        return "skipped"
+    mem = entry.get("memory") or {}
+    if mem.get("error"):
+        return "error"
+    if entry.get("peak_bytes") is None:
+        return "n/a"
+    cell = f"{fmt_bytes(entry['peak_bytes'])} ({fmt_ratio(entry.get('peak_ratio_to_plain'))})"
+    state = mem.get("persistent_bytes", 0) - ((plain or {}).get("memory") or {}).get("persistent_bytes", 0)
+    if plain is not None and plain is not entry and state > 0:
+        cell += f", state {fmt_bytes(state)}"
+    if entry.get("rss_peak_ratio_to_plain") is not None:
+        cell += f" / RSS {fmt_ratio(entry['rss_peak_ratio_to_plain'])}"
+    return cell
+
+
+def render(doc: dict[str, Any]) -> str:
+    results = doc["results"]
+    index = {(r["head"], r["B"], r["variant"]): r for r in results}
+    configs = list(dict.fromkeys((r["head"], r["B"]) for r in results))
+    present = {r["variant"] for r in results}
+    variants = [(k, t) for k, t in _TO_VARIANTS if k in present]
+    kernels = {(k["head"], k["B"]): k for k in doc.get("kernel", [])}
+    checks = [(r, c) for r in results for c in r["checks"]]
+    passed = sum(c["passed"] is True for _, c in checks)
+
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (B=64 only, few repeats): the targets are meant for the full run.", ""]
+    source = doc.get("machine", {}).get("source") or {}
+    if source.get("consistent") is False:
+        out += ["> **Warning:** the memory subprocesses imported other package sources; rerun.", ""]
+    elif source.get("measured_is_working_tree_at_end") is False:
+        out += [
+            "> Note: the package changed in the working tree during this run; it measured the "
+            f"sources as they were at its start (hash {source.get('measured_hash')}).",
+            "",
+        ]
+    model = doc.get("model", {})
+    heads = ", ".join(f"{h} ({v['params']:,} parameters in all)" for h, v in model.get("heads", {}).items())
+    out += [
+        f"Model: {model.get('layers', '?')}; heads {heads}. One step = zero_grad, forward, loss, "
+        "backward, SGD step. Opacus: " + (doc.get("opacus", {}).get("info") or "n/a") + ".",
+        "",
+        f"**{passed} of {len(checks)} targets pass.**",
+        "",
+        table(
+            ["target", "where", "measured", "result"],
+            (
+                [
+                    c["target"]["text"],
+                    f"{r['head']}, B={r['B']}, {r['variant']}",
+                    fmt_ratio(c["value"]),
+                    {True: "pass", False: "**FAIL**", None: "n/a"}[c["passed"]],
+                ]
+                for r, c in checks
+            ),
+        ),
+    ]
+
+    out += [
+        "",
+        "### Step time (median; ratio to the plain step)",
+        "",
+        table(
+            ["head", "B", *(t for _, t in variants), "head kernel", "GradTail head: extra / kernel"],
+            (
+                [
+                    h,
+                    b,
+                    *(_to_cell(index.get((h, b, k))) for k, _ in variants),
+                    fmt_seconds(kernels.get((h, b), {}).get("seconds")),
+                    fmt_ratio(index.get((h, b, "gt_head"), {}).get("extra_over_kernel")),
+                ]
+                for h, b in configs
+            ),
+        ),
+    ]
+    if any(r.get("memory") for r in results):
+        out += [
+            "",
+            "### Peak memory of a step",
+            "",
+            "Peak live tensor bytes (ratio to plain; of which the reference state kept between steps) / "
+            "ratio of the RSS cross-check.",
+            "",
+            table(
+                ["head", "B", *(t for _, t in variants)],
+                (
+                    [
+                        h,
+                        b,
+                        *(
+                            _to_mem_cell(index.get((h, b, k)), index.get((h, b, "plain")))
+                            for k, _ in variants
+                        ),
+                    ]
+                    for h, b in configs
+                ),
+            ),
+        ]
+
+    out += _arch_section(doc)
+
+    for prof in doc.get("profile", []):
+        pv = prof["variants"]
+        spans = [(k, t) for k, t in _TO_SPANS if any(k in v["spans_ms"] for v in pv.values())]
+        out += [
+            "",
+            f"### Where the time goes: head {prof['head']}, B={prof['B']} (ms per step, mean of "
+            f"{prof['steps']} steps)",
+            "",
+            table(
+                ["variant", "step", *(t for _, t in spans), "other GradTail (Python, checks, small ops)"],
+                (
+                    [
+                        v,
+                        f"{e['spans_ms'].get('step', float('nan')):.1f}",
+                        *(f"{e['spans_ms'][k]:.1f}" if k in e["spans_ms"] else "" for k, _ in spans),
+                        _other_gradtail_ms(e),
+                    ]
+                    for v, e in pv.items()
+                ),
+            ),
+        ]
+        # Written by runs before the EMA prototype was removed (the committed JSON has it);
+        # rendered while such a file is the current result.
+        ema = prof.get("ema_update_ms")
+        if ema:
+            out += [
+                "",
+                "`ema_update` alone on the real reference state (ms): "
+                + "; ".join(
+                    f"{name} ({r['reference_floats']:,.0f} floats): package {r['package']:.2f}, "
+                    f"prototype {r['prototype']:.2f} ({fmt_ratio(r['package'] / r['prototype'])} faster)"
+                    for name, r in ema.items()
+                )
+                + ".",
+            ]
+        tops = [(v, e["profiler_top_ops"]) for v, e in pv.items() if e.get("profiler_top_ops")]
+        if tops:
+            out += ["", "Top ops inside GradTail's call (torch.profiler self CPU, ms per step):", ""]
+            out += [
+                f"- {v}: " + ", ".join(f"`{o['op']}` {o['self_ms_per_step']:.1f}" for o in ops[:6])
+                for v, ops in tops
+            ]
+
+    sanity = doc.get("sanity") or []
+    if sanity:
+        out += [""] + [
+            f"Check ({s['head']}, B={s['B']}): max |.grad| difference, `gt.backward` book-keeping vs. "
+            f"weights + weighted backward: {s['max_abs_grad_diff_bookkeeping_vs_weighted']:.1e}" + "."
+            for s in sanity
+        ]
+
+    method = doc.get("method", {})
+    out += ["", "<details><summary>How this was measured</summary>", ""]
+    if method.get("timing"):
+        out += [f"- Timing: {method['timing']}"]
+    if method.get("kernel"):
+        out += [f"- Head kernel: {method['kernel']}"]
+    for key, text in (method.get("memory") or {}).items():
+        out += [f"- Memory, `{key}`: {text}"]
+    if method.get("profile"):
+        out += [f"- Profile: {method['profile']}"]
+    for key, text in (doc.get("variants") or {}).items():
+        out += [f"- `{key}`: {text}"]
+    out += ["", "</details>"]
+    return "\n".join(out)
+
+
+_ARCH_COLUMNS = (("plain", "plain"), ("gt_head", "GradTail head"), ("gt_all_weights", "GradTail(model)"))
+
+
+def _arch_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return ""
+    if entry.get("skipped"):
+        return "fails: " + entry["skipped"].split(":", 1)[0]
+    peak = f"{fmt_bytes(entry['peak_bytes'])} ({fmt_ratio(entry.get('peak_ratio_to_plain'))})"
+    return f"{_to_cell(entry)} / {peak}"
+
+
+def _arch_section(doc: dict[str, Any]) -> list[str]:
+    """The CNN and ViT rows: step time and in-process peak memory, ratios to the plain step."""
+    rows = doc.get("arch_results") or []
+    if not rows:
+        return []
+    index = {(r["arch"], r["B"], r["variant"]): r for r in rows}
+    configs = list(dict.fromkeys((r["arch"], r["B"]) for r in rows))
+    out = [
+        "",
+        "### The long-tail suite's image models (CNN, ViT)",
+        "",
+        "Median step time (ratio to plain) / peak live tensor bytes of a step, in-process (ratio to "
+        "plain). GradTail(model) tracks every nn.Linear (weights + weighted backward).",
+        "",
+        table(
+            ["model", "B", *(t for _, t in _ARCH_COLUMNS)],
+            ([a, b, *(_arch_cell(index.get((a, b, k))) for k, _ in _ARCH_COLUMNS)] for a, b in configs),
+        ),
+    ]
+    out += [""] + [f"- {a}: {text}" for a, text in (doc.get("arch_models") or {}).items()]
+    failures = [r for r in rows if r.get("skipped")]
+    out += [f"- {r['arch']} `{r['variant']}` failed: {r['skipped']}" for r in failures]
+    return out
+
+
+def _other_gradtail_ms(entry: dict[str, Any]) -> str:
+    """GradTail's time outside the spans shown as columns: its self times and the small parts."""
+    spans, selfs = entry["spans_ms"], entry.get("self_ms", {})
+    if "gt.weights" not in spans and "gt.backward" not in spans:
+        return ""
+    small = ("check_loss", "inspect_graph", "inverse_norms", "cosine", "weight curve")
+    total = sum(spans.get(k, 0.0) for k in small)
+    total += sum(
+        v for k, v in selfs.items() if k in ("gt.weights", "gt.backward", "_step", "linear_score_and_update")
+    )
+    return f"{total:.2f}"
 
 
 if __name__ == "__main__":

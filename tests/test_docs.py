@@ -17,3 +17,11 @@ def test_benchmark_tables_are_generated_from_the_json():
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_benchmark_has_a_renderer_beside_it():
+    from benchmarks.render_tables import RENDERERS, TITLES, renderer
+
+    assert set(RENDERERS) == set(TITLES)
+    for name in RENDERERS:
+        assert callable(renderer(name)), name

@@ -216,8 +216,8 @@ def test_quick_cli_writes_json_with_paired_deltas(tmp_path):
     auroc = agg["tail_detection"]["alignment"]["1"]["mean"]
     assert 0.0 <= auroc <= 1.0
     # the renderer turns the document into Markdown
-    from benchmarks.render_tables import RENDERERS
+    from benchmarks.longtail.regression import render
 
-    text = RENDERERS["longtail_regression"](doc)
+    text = render(doc)
     assert "Quick smoke run" in text
     assert "Computers" in text

@@ -133,9 +133,9 @@ def test_quick_cli_on_digits_writes_the_documented_json(tmp_path):
     for path in doc["figures"]:
         assert Path(path).exists() or (ROOT / path).exists(), path
 
-    from benchmarks.render_tables import render_longtail
+    from benchmarks.longtail.render import render
 
-    text = render_longtail(doc)
+    text = render(doc)
     assert "Quick smoke run" in text
     assert "GradTail (defaults)" in text
     assert "selected epoch" in text

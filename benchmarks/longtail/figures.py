@@ -239,7 +239,8 @@ def make_figures(doc: dict[str, Any], outdir: Path) -> list[Path]:
     datasets = list(doc["datasets"])
     if not datasets:
         return []
-    prefix = "longtail_quick" if doc.get("quick") else "longtail"
+    arch = doc.get("config", {}).get("arch", "mlp")
+    prefix = "longtail" + ("" if arch == "mlp" else f"_{arch}") + ("_quick" if doc.get("quick") else "")
     long_tailed = [d for d in datasets if not doc["datasets"][d].get("hidden")]
     paths: list[Path | None] = []
     if long_tailed:

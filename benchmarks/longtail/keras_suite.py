@@ -46,8 +46,24 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import _meta
+from .._render import (
+    delta_cells,
+    machine_line,
+    pm,
+    seeds_text,
+    table,
+)
 from .datasets import DATASETS, SplitData, load_dataset
-from .metrics import GROUPS, class_accuracies, group_means, mean_std
+from .metrics import (
+    GROUPS,
+    class_accuracies,
+    delta_stats,
+    group_means,
+    late_epochs,
+    mean_std,
+    paired_deltas,
+    selected_epoch,
+)
 
 BENCHMARK = "longtail_keras"
 SCHEMA_VERSION = 1
@@ -68,17 +84,6 @@ GIT_DIRTY = {
     "longtail_suite_dirty": ("benchmarks/longtail",),
 }
 REPO = Path(__file__).resolve().parents[2]
-
-
-def late_epochs(epochs: int) -> int:
-    """How many final epochs the late mean covers: the last 25%, at least one.
-
-    Examples
-    --------
-    >>> late_epochs(12), late_epochs(60), late_epochs(2)
-    (3, 15, 1)
-    """
-    return max(1, round(0.25 * epochs))
 
 
 def accuracy_metrics(pred: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> dict[str, Any]:
@@ -104,17 +109,6 @@ def accuracy_metrics(pred: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> 
         **group_means(per_class, groups),
         "per_class": per_class.tolist(),
     }
-
-
-def select_epoch(val_curve: Sequence[float]) -> int:
-    """Index of the epoch of best validation balanced accuracy (the first one on ties).
-
-    Examples
-    --------
-    >>> select_epoch([70.0, 80.0, 79.0, 80.0])
-    1
-    """
-    return int(np.argmax(np.asarray(val_curve, dtype=np.float64)))
 
 
 # ---------------------------------------------------------------------------------- train
@@ -229,7 +223,7 @@ def train_keras(
     wall = time.perf_counter() - start
     val_curve = [m["balanced_accuracy"] for m in evaluator.val]
     test_curve = [m["balanced_accuracy"] for m in evaluator.test]
-    sel = select_epoch(val_curve)
+    sel = selected_epoch(val_curve)
     k = late_epochs(epochs)
     seconds = evaluator.seconds
     out: dict[str, Any] = {
@@ -273,29 +267,6 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [v for r in rows if (v := _metric(r, key)) is not None]
 
 
-def paired_deltas(rows: list[dict[str, Any]], base_method: str = "uniform") -> None:
-    """``row["delta_vs_uniform"]``: method - ``base_method`` of the same data set and seed, in pp."""
-    base = {(r["dataset"], r["seed"]): r for r in rows if r["method"] == base_method}
-    for r in rows:
-        b = base.get((r["dataset"], r["seed"]))
-        if b is None:
-            r["delta_vs_uniform"] = None
-            continue
-        delta: dict[str, float | None] = {}
-        for m in DELTA_METRICS:
-            a, c = _metric(r, m), _metric(b, m)
-            delta[m] = None if a is None or c is None else a - c
-        r["delta_vs_uniform"] = delta
-
-
-def _delta_stats(values: list[float | None]) -> dict[str, Any]:
-    finite = [v for v in values if v is not None]
-    return mean_std(finite) | {
-        "n_positive": sum(v > 0 for v in finite),
-        "every_seed_positive": bool(finite) and all(v > 0 for v in finite),
-    }
-
-
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds per (data set, method); paired deltas with seeds-positive counts."""
     out = []
@@ -314,7 +285,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         if all(r.get("delta_vs_uniform") is not None for r in group) and method != "uniform":
             agg["delta_vs_uniform"] = {
-                m: _delta_stats([r["delta_vs_uniform"][m] for r in group]) for m in DELTA_METRICS
+                m: delta_stats([r["delta_vs_uniform"][m] for r in group]) for m in DELTA_METRICS
             }
         else:
             agg["delta_vs_uniform"] = None
@@ -452,16 +423,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 bar.update(1)
     bar.close()
-    paired_deltas(rows)
+    paired_deltas(rows, DELTA_METRICS, _metric)
     machine |= _meta.load_fields(load_before, _meta.load_average())
-    deviations: dict[str, Any] = {}
-    if not args.quick:
-        defaults = {d: DATASETS[d].epochs for d in args.datasets}
-        if epochs != defaults:
-            deviations["epochs"] = {"used": epochs, "default": defaults}
-        default_seeds = {d: list(DATASETS[d].seeds) for d in args.datasets}
-        if seeds != default_seeds:
-            deviations["seeds"] = {"used": seeds, "default": default_seeds}
+    deviations = _meta.deviations(
+        args.quick,
+        epochs=(epochs, {d: DATASETS[d].epochs for d in args.datasets}),
+        seeds=(seeds, {d: list(DATASETS[d].seeds) for d in args.datasets}),
+    )
     doc: dict[str, Any] = {
         **_meta.run_header(
             BENCHMARK,
@@ -510,6 +478,108 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary(doc))
     print(f"{doc['wall_seconds']:.0f} s; JSON: {args.out}")
     return 0
+
+
+# ----------------------------------------------------- render: results/longtail_keras.json
+
+
+def render(doc: dict[str, Any]) -> str:
+    """Keras ``model.fit`` with and without GradTailCallback on long-tailed data (paired Δ vs. uniform)."""
+    cfg = doc.get("config", {})
+    versions = doc.get("machine", {}).get("versions", {})
+    methods = doc.get("methods", {})
+    out = [machine_line(doc), ""]
+    if doc.get("quick"):
+        out += ["> **Quick smoke run** (one seed, few epochs): not evidence.", ""]
+    epochs = ", ".join(f"{k} {v}" for k, v in cfg.get("epochs", {}).items())
+    out += [
+        f"Keras {versions.get('keras', '?')}, backend `{cfg.get('backend', '?')}`; seeds "
+        f"{seeds_text(cfg.get('seeds', []))}; {cfg.get('model', '?')}, {cfg.get('loss', '?')}, "
+        f"{cfg.get('optimizer', '?')}, batch {cfg.get('batch_size', '?')}; epochs {epochs}. GradTail: "
+        f"{cfg.get('gradtail', '?')}. Pairing: {cfg.get('pairing', '?')}. "
+        f"Metrics: {cfg.get('metrics', '?')}. "
+        f"Timing: {cfg.get('timing', '?')}. Methods marked † use the training class counts.",
+    ]
+    for dataset, info in doc.get("datasets", {}).items():
+        aggs = [a for a in doc.get("aggregates", []) if a["dataset"] == dataset]
+        counts = info.get("counts", [])
+        out += [
+            "",
+            f"### {info.get('name', dataset)}: Keras `model.fit`, paired Δ vs. uniform",
+            "",
+            f"{info.get('n_train', 0):,} training examples (class counts {min(counts, default=0)} to "
+            f"{max(counts, default=0)}), balanced validation {info.get('n_val', 0):,} / test "
+            f"{info.get('n_test', 0):,}; {info.get('epochs', '?')} epochs.",
+            "",
+        ]
+        rows = []
+        for agg in aggs:
+            t = agg["test"]
+            d_bal, e_bal = delta_cells(agg, "balanced")
+            d_late, e_late = delta_cells(agg, "late")
+            d_fin, e_fin = delta_cells(agg, "final")
+            d_few, _ = delta_cells(agg, "few", 1)
+            rows.append(
+                [
+                    methods.get(agg["method"], {}).get("label", agg["method"]),
+                    pm(t["balanced"]),
+                    d_bal,
+                    e_bal,
+                    pm(t["late"]),
+                    d_late,
+                    e_late,
+                    d_fin,
+                    e_fin,
+                    pm(t["many"]),
+                    pm(t["medium"]),
+                    pm(t["few"]),
+                    d_few,
+                    pm(agg["val"]),
+                    f"{pm(agg['seconds_per_epoch'], 3)} ({pm(agg['first_epoch_seconds'], 1)})",
+                ]
+            )
+        out.append(
+            table(
+                [
+                    "method",
+                    "balanced acc.",
+                    "Δ balanced (pp)",
+                    "every seed",
+                    "late mean",
+                    "Δ late mean (pp)",
+                    "every seed (late)",
+                    "Δ final (pp)",
+                    "every seed (final)",
+                    "many",
+                    "medium",
+                    "few",
+                    "Δ few (pp)",
+                    "val. balanced acc.",
+                    "s / epoch (first epoch)",
+                ],
+                rows,
+            )
+        )
+        for agg in aggs:
+            logs = agg.get("gradtail_logs") or {}
+            if logs:
+                out += [
+                    "",
+                    "GradTailCallback's logs in the last epoch (mean over seeds): "
+                    + ", ".join(f"`{k}` {pm(v, 3)}" for k, v in logs.items())
+                    + f"; selected epoch {pm(agg['selected_epoch'], 1)} of {info.get('epochs', '?')}.",
+                ]
+    out += [
+        "",
+        "Balanced accuracy and many / medium / few at the **selected epoch** (per run, the epoch of best "
+        "validation balanced accuracy); *late mean* over the last 25% of epochs; *final* after the last "
+        'epoch. Δ = paired difference to uniform of the same seed, in percentage points; "every seed" = '
+        "Δ > 0 for every seed (n positive / n seeds).",
+        "",
+        f"Regenerate: `{doc.get('command', 'python -m benchmarks.longtail.keras_suite')}`, then "
+        "`.venv/bin/python benchmarks/render_tables.py`.",
+    ]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

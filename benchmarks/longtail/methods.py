@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import gradtail_ops
 from gradtail_torch import GradTail
 
 
@@ -108,12 +109,12 @@ def focal_weights(batch: Batch, gamma: float = 2.0) -> torch.Tensor:
 
 
 def top_rank_weights(score: torch.Tensor, *, quantile: float, max_weight: float) -> torch.Tensor:
-    """``max_weight`` for the examples with fewer than ``quantile * B`` scores strictly above
-    theirs (ties share a weight), 1 otherwise, divided by the batch mean."""
-    s = score.detach()
-    above = (s[None, :] > s[:, None]).sum(dim=1)
-    w = torch.where(above < quantile * len(s), max_weight, 1.0).to(s.dtype)
-    return w / w.mean()
+    """``max_weight`` for the examples with fewer than ``quantile * n`` finite scores strictly
+    above theirs (ties share a weight), 1 otherwise (non-finite scores: 1, not counted), divided
+    by the batch mean: the core's rank curve on ``-score``, O(B log B)."""
+    return gradtail_ops.weight_curve(
+        -score.detach(), kind="rank", quantile=quantile, max_weight=max_weight, normalize=True
+    )
 
 
 class LossRank(Weighting):

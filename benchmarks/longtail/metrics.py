@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 GROUPS = ("many", "medium", "few")
+#: The late averages cover this share of the final epochs (at least one).
+LATE_FRACTION = 0.25
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
@@ -72,3 +74,70 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
         return {"mean": None, "std": None, "n": 0}
     std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
     return {"mean": float(v.mean()), "std": std, "n": len(v)}
+
+
+def late_epochs(epochs: int) -> int:
+    """How many final epochs the late averages cover: the last 25%, at least one.
+
+    Examples
+    --------
+    >>> late_epochs(12), late_epochs(60), late_epochs(2)
+    (3, 15, 1)
+    """
+    return max(1, round(LATE_FRACTION * epochs))
+
+
+def selected_epoch(val_curve: Sequence[float]) -> int:
+    """The epoch (0-based) of the best validation score; the earliest on ties.
+
+    Selection sees the validation half only; the test half is read at the chosen epoch.
+
+    Examples
+    --------
+    >>> selected_epoch([70.0, 80.0, 79.0, 80.0])
+    1
+    """
+    return int(np.argmax(np.asarray(val_curve, dtype=np.float64)))
+
+
+def paired_deltas(
+    rows: list[dict[str, Any]],
+    keys: Sequence[str],
+    metric: Callable[[dict[str, Any], str], float | None],
+    *,
+    base_method: str = "uniform",
+    out: str = "delta_vs_uniform",
+) -> None:
+    """``row[out][key]``: ``metric(row, key)`` minus that of ``base_method``'s row of the same data
+    set and seed (None where either is missing); ``row[out]`` is None without such a row."""
+    base = {(r["dataset"], r["seed"]): r for r in rows if r["method"] == base_method}
+    for r in rows:
+        b = base.get((r["dataset"], r["seed"]))
+        if b is None:
+            r[out] = None
+            continue
+        delta: dict[str, float | None] = {}
+        for k in keys:
+            mine, theirs = metric(r, k), metric(b, k)
+            delta[k] = None if mine is None or theirs is None else mine - theirs
+        r[out] = delta
+
+
+def delta_stats(values: Sequence[float | None], *, lower_is_better: bool = False) -> dict[str, Any]:
+    """Mean and std of the paired deltas over seeds, and how many seeds improve: ``n_positive`` /
+    ``every_seed_positive`` (higher is better) or ``n_better`` / ``every_seed_better`` (lower is
+    better, e.g. an error). Missing values are left out.
+
+    Examples
+    --------
+    >>> s = delta_stats([1.0, 2.0, None])
+    >>> s["mean"], s["n_positive"], s["every_seed_positive"]
+    (1.5, 2, True)
+    """
+    finite = [float(v) for v in values if v is not None]
+    better = [v < 0 if lower_is_better else v > 0 for v in finite]
+    word = "better" if lower_is_better else "positive"
+    return mean_std(finite) | {
+        f"n_{word}": sum(better),
+        f"every_seed_{word}": bool(finite) and all(better),
+    }

@@ -44,7 +44,7 @@ from gradtail_torch import GradTail
 from .data import LongTailData
 from .datasets import DATASETS, load_dataset
 from .metrics import auroc
-from .train import mlp
+from .models import mlp
 
 DEFAULT_OUT_DIR = Path("results/mining")
 REPO = Path(__file__).resolve().parents[2]

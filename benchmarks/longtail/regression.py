@@ -34,8 +34,18 @@ import torch
 from tqdm import tqdm
 
 from .. import _meta
+from .._render import (
+    figures_section,
+    machine_line,
+    measured_section,
+    pm,
+    run_notes,
+    table,
+    tail_detection_table,
+    weight_table,
+)
 from .analysis import aggregate_tail_detection, window_auroc
-from .metrics import GROUPS, mean_std
+from .metrics import GROUPS, delta_stats, late_epochs, mean_std, paired_deltas
 from .regression_data import EDGE_QUANTILE, N_BINS, SPECS, SPLIT_SEED, RegressionData, load_regression
 from .regression_methods import REG_METHODS, RegBatch, RegContext
 from .run import clean, dumps, machine_info, rel
@@ -52,11 +62,6 @@ MARKS = (0.1, 0.5, 1.0)
 DELTA_METRICS = ("balanced_mae", "late_balanced_mae", "many", "medium", "few", "mae", "val_balanced_mae")
 
 DPI = 80
-
-
-def late_epochs(epochs: int) -> int:
-    """How many final epochs the late averages cover: the last 25%, at least one."""
-    return max(1, round(0.25 * epochs))
 
 
 def mlp(d_in: int, hidden: tuple[int, ...]) -> torch.nn.Sequential:
@@ -276,32 +281,6 @@ def _metric(row: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def paired_deltas(rows: list[dict[str, Any]], base_method: str, key: str) -> None:
-    """``row[key]``: metric differences (method - ``base_method``) of the same data set and seed.
-
-    Lower MAE is better, so a negative delta is an improvement.
-    """
-    base = {(r["dataset"], r["seed"]): r for r in rows if r["method"] == base_method}
-    for r in rows:
-        b = base.get((r["dataset"], r["seed"]))
-        if b is None:
-            r[key] = None
-            continue
-        delta = {}
-        for m in DELTA_METRICS:
-            a, c = _metric(r, m), _metric(b, m)
-            delta[m] = None if a is None or c is None else a - c
-        r[key] = delta
-
-
-def _delta_stats(values: list[float | None]) -> dict[str, Any]:
-    finite = [v for v in values if v is not None]
-    return mean_std(finite) | {
-        "n_better": sum(v < 0 for v in finite),
-        "every_seed_better": bool(finite) and all(v < 0 for v in finite),
-    }
-
-
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds per (data set, method); paired deltas with seeds-better counts."""
     out = []
@@ -323,7 +302,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for key in ("delta_vs_uniform", "delta_vs_lds"):
             if all(r.get(key) is not None for r in group):
-                agg[key] = {m: _delta_stats([r[key][m] for r in group]) for m in DELTA_METRICS}
+                agg[key] = {
+                    m: delta_stats([r[key][m] for r in group], lower_is_better=True) for m in DELTA_METRICS
+                }
             else:
                 agg[key] = None
         base = [r for r in rows if r["dataset"] == dataset and r["method"] == "uniform"]
@@ -570,15 +551,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bar.set_postfix_str(f"{dataset} {method} seed {seed}")
                 rows.append(run_one(data, dataset, method, seed, epochs[dataset], args, bar))
     bar.close()
-    paired_deltas(rows, "uniform", "delta_vs_uniform")
-    paired_deltas(rows, "lds", "delta_vs_lds")
+    paired_deltas(rows, DELTA_METRICS, _metric)
+    paired_deltas(rows, DELTA_METRICS, _metric, base_method="lds", out="delta_vs_lds")
     machine |= _meta.load_fields(load_before, _meta.load_average())
-    deviations: dict[str, Any] = {}
-    defaults = {d: SPECS[d].epochs for d in args.datasets}
-    if not args.quick and epochs != defaults:
-        deviations["epochs"] = {"used": epochs, "default": defaults}
-    if not args.quick and list(args.seeds) != list(DEFAULT_SEEDS):
-        deviations["seeds"] = {"used": list(args.seeds), "default": list(DEFAULT_SEEDS)}
+    deviations = _meta.deviations(
+        args.quick,
+        epochs=(epochs, {d: SPECS[d].epochs for d in args.datasets}),
+        seeds=(list(args.seeds), list(DEFAULT_SEEDS)),
+    )
     aggs = aggregate(rows)
     target_checks = checks(aggs)
     doc: dict[str, Any] = {
@@ -677,6 +657,147 @@ def summary(doc: dict[str, Any]) -> str:
         value = "n/a" if c["value"] is None else f"{c['value']:+.4f}"
         lines.append(f"[{verdict}] {c['name']}: {value} ({c['detail']})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------- render: results/longtail_regression.json
+
+
+def _better(delta: dict[str, Any] | None, n_seeds: int) -> str:
+    """``yes (k/n)`` when the paired Δ MAE is below 0 for every seed (lower MAE is better)."""
+    if not delta or delta.get("mean") is None:
+        return ""
+    word = "**yes**" if delta["every_seed_better"] else "no"
+    return f"{word} ({delta['n_better']}/{n_seeds})"
+
+
+def _reg_delta(agg: dict[str, Any], key: str, base: str = "delta_vs_uniform") -> tuple[str, str]:
+    """Paired Δ MAE (mean ± std) of ``key`` and its every-seed verdict; dashes for the base."""
+    delta = (agg.get(base) or {}).get(key)
+    if agg["method"] == ("uniform" if base == "delta_vs_uniform" else "lds") or not delta:
+        return "—", ""
+    return pm(delta, 4, signed=True), _better(delta, agg["n_seeds"])
+
+
+def render(doc: dict[str, Any]) -> str:
+    cfg = doc.get("config", {})
+    methods = doc.get("methods", {})
+    aggs = doc["aggregates"]
+    seeds = cfg.get("seeds", [])
+
+    def label(name: str) -> str:
+        meta = methods.get(name, {})
+        return meta.get("label", name) + (" †" if meta.get("uses_targets") else "")
+
+    out = [machine_line(doc), "", *run_notes(doc)]
+    out += [
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(str(s) for s in seeds)}); "
+        f"{cfg.get('model', '?')}, {cfg.get('optimizer', '?')}, batch {cfg.get('batch_size', '?')}, "
+        f"{cfg.get('loss', '?')}; epochs "
+        + ", ".join(f"{d} {e}" for d, e in cfg.get("epochs", {}).items())
+        + f"; warm-up {cfg.get('warmup_epochs', 1):g} epoch(s) for GradTail and loss rank. MAE of the log "
+        "target on the test set after the last epoch; *balanced* = mean of the 10 per-bin MAEs; "
+        "many/medium/few = mean over the bins of the group; *late* = mean balanced MAE over the last 25% "
+        "of epochs; Δ = paired difference to uniform (or LDS) of the same seed, **negative is better**; "
+        '"every seed" = Δ < 0 for every seed. † uses the training targets\' distribution.',
+        "",
+    ]
+    for dataset, info in doc.get("datasets", {}).items():
+        rows = [a for a in aggs if a["dataset"] == dataset]
+        tail = (
+            f", bins thinned to an exponential profile (r={info['imbalance']:g})"
+            if info.get("imbalance")
+            else ""
+        )
+        out += [
+            f"### {info['name']}: MAE by target-bin group and paired Δ vs. uniform",
+            "",
+            f"{info['source']}, target {info['target']}, {info['n_features']} features; "
+            f"{info['n_train']:,} training examples{tail}, per bin {info['counts']}; validation "
+            f"{info['n_val']:,} / test {info['n_test']:,} (test per bin {info['test_per_bin']}); "
+            f"{info['epochs']} epochs.",
+            "",
+            table(
+                [
+                    "method",
+                    "balanced MAE",
+                    "Δ balanced",
+                    "every seed",
+                    "Δ late",
+                    "every seed (late)",
+                    "many",
+                    "medium",
+                    "few",
+                    "Δ few",
+                    "every seed (few)",
+                    "Δ few vs. LDS",
+                    "val. balanced MAE",
+                    "s / epoch",
+                ],
+                (
+                    [
+                        label(a["method"]),
+                        pm(a["test"]["balanced_mae"], 4),
+                        *_reg_delta(a, "balanced_mae"),
+                        *_reg_delta(a, "late_balanced_mae"),
+                        pm(a["test"]["many"], 4),
+                        pm(a["test"]["medium"], 4),
+                        pm(a["test"]["few"], 4),
+                        *_reg_delta(a, "few"),
+                        _reg_delta(a, "few", "delta_vs_lds")[0],
+                        pm(a["val"]["balanced_mae"], 4),
+                        pm(a["seconds_per_epoch"], 2),
+                    ]
+                    for a in rows
+                ),
+            ),
+            "",
+        ]
+    td = cfg.get("tail_detection", {})
+    marks = [f"{m:g}" for m in td.get("marks", [])]
+    out += [
+        "### Tail detection: AUROC for the training examples of the few-shot bins",
+        "",
+        "All training examples of the steps in the last "
+        f"{100 * td.get('window', 0):g}% of training before the mark; GradTail's score is -alignment in "
+        "its own run, the squared error (before the step's update) is the baseline. 0.5 = chance; below "
+        "0.5 the score ranks the tail as *aligned*.",
+        "",
+        tail_detection_table(doc, marks, label, "squared error"),
+        "",
+    ]
+    if doc.get("checks"):
+        out += [
+            "### Targets",
+            "",
+            table(
+                ["target", "value (Δ MAE)", "verdict", "detail"],
+                (
+                    [
+                        c["name"],
+                        "n/a" if c["value"] is None else f"{c['value']:+.4f}",
+                        {True: "pass", False: "**FAIL**", None: "n/a"}[c["passed"]],
+                        c.get("detail", ""),
+                    ]
+                    for c in doc["checks"]
+                ),
+            ),
+            "",
+        ]
+    weighted = [a for a in aggs if a["method"] != "uniform" and a.get("weight_by_group")]
+    if weighted:
+        out += [
+            "<details><summary>Mean loss weight by bin group, after warm-up</summary>",
+            "",
+            weight_table(weighted, label),
+            "",
+            "</details>",
+            "",
+        ]
+    out += figures_section(
+        doc, lambda _name: "Test MAE by target bin per method, and the paired Δ vs. uniform"
+    )
+    out += measured_section(doc, ("bins", "split", "metrics"), "python -m benchmarks.longtail.regression")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,16 @@ from .analysis import (
 )
 from .datasets import DATASETS, SPLIT_SEED, load_dataset
 from .methods import METHODS, Context, GradTailWeighting, Method, Weighting
-from .metrics import GROUPS, mean_std
+from .metrics import (
+    GROUPS,
+    LATE_FRACTION,
+    delta_stats,
+    late_epochs,
+    mean_std,
+    paired_deltas,
+    selected_epoch,
+)
+from .models import ARCH_TEXT, ARCHS, build_model
 from .train import train
 
 BENCHMARK = "longtail"
@@ -60,6 +69,9 @@ SCHEMA_VERSION = 1
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path("benchmarks/results/longtail.json")
 QUICK_OUT = Path("results/longtail_quick.json")
+#: The default methods with ``--arch cnn`` / ``vit``: the MLP protocol's baselines and GradTail on
+#: the head and on the whole model (``gradtail``: every nn.Linear, jointly).
+ARCH_METHODS = ("uniform", "inverse_frequency", "class_balanced", "gradtail_head", "gradtail")
 #: Scalar test metrics; each is reported after the last epoch (``k``), as the mean over the
 #: late epochs (``late_k``) and at the epoch of best validation balanced accuracy
 #: (``selected_k``). The subclass ones exist for hidden-stratification data sets only.
@@ -70,7 +82,6 @@ DELTA_METRICS = (
     "val_late_balanced_accuracy",
     "val_selected_balanced_accuracy",
 )
-LATE_FRACTION = 0.25
 #: The methods of the full run (``--methods`` picks others, e.g. the per-example memory ones).
 SUITE_METHODS = (
     "uniform",
@@ -85,23 +96,10 @@ SUITE_METHODS = (
 )
 
 
-def late_epochs(epochs: int) -> int:
-    """How many final epochs the late averages cover: the last 25%, at least one."""
-    return max(1, round(LATE_FRACTION * epochs))
-
-
 def _metric(row: dict[str, Any], key: str) -> float | None:
     part, name = ("val", key[len("val_") :]) if key.startswith("val_") else ("test", key)
     value = row[part].get(name)
     return None if value is None else float(value)
-
-
-def selected_epoch(val_curve: Sequence[float]) -> int:
-    """The epoch (0-based) of the best validation balanced accuracy; the earliest on ties.
-
-    Selection sees the validation half only; the test half is read at the chosen epoch.
-    """
-    return int(np.argmax(np.asarray(val_curve, dtype=np.float64)))
 
 
 # ------------------------------------------------------------------------------- machine
@@ -143,6 +141,7 @@ def run_one(
         validation=(split.x_val, split.y_val, split.sub_val),
         record_scores=True,
         test_every_epoch=True,
+        arch=args.arch,
     )
     k = late_epochs(epochs)
     best = selected_epoch(result.val_curve)
@@ -207,6 +206,8 @@ def run_key(dataset: str, seed: int, method: str, epochs: int, args: argparse.Na
         "marks": list(args.marks),
         "window": args.window,
     }
+    if args.arch != "mlp":  # keeps the keys of the MLP runs' checkpoints
+        key["arch"] = args.arch
     if spec.gradtail:
         key["defaults"] = [
             gradtail_ops.DEFAULT_REFERENCE,
@@ -250,17 +251,7 @@ def _run_task(task: tuple[str, int, str, int], args: argparse.Namespace) -> dict
 
 def add_deltas(rows: list[dict[str, Any]]) -> None:
     """Paired difference (percentage points) to uniform weighting of the same data set and seed."""
-    base = {(r["dataset"], r["seed"]): r for r in rows if r["method"] == "uniform"}
-    for r in rows:
-        b = base.get((r["dataset"], r["seed"]))
-        if b is None:
-            r["delta_vs_uniform"] = None
-            continue
-        r["delta_vs_uniform"] = {}
-        for k in DELTA_METRICS:
-            mine, theirs = _metric(r, k), _metric(b, k)
-            if mine is not None and theirs is not None:
-                r["delta_vs_uniform"][k] = mine - theirs
+    paired_deltas(rows, DELTA_METRICS, _metric)
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -299,13 +290,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if all(r.get("delta_vs_uniform") is not None for r in group):
             agg["delta_vs_uniform"] = {}
             for k in DELTA_METRICS:
-                if any(k not in r["delta_vs_uniform"] for r in group):
-                    continue
-                values = [r["delta_vs_uniform"][k] for r in group]
-                agg["delta_vs_uniform"][k] = mean_std(values) | {
-                    "n_positive": sum(v > 0 for v in values),
-                    "every_seed_positive": all(v > 0 for v in values),
-                }
+                values = [r["delta_vs_uniform"].get(k) for r in group]
+                if None not in values:
+                    agg["delta_vs_uniform"][k] = delta_stats(values)
         else:
             agg["delta_vs_uniform"] = None
         agg["tail_detection"] = aggregate_tail_detection(group)
@@ -485,6 +472,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.05,
         help="AUROC window: the steps in (mark - window, mark] (default: 0.05)",
     )
+    p.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="mlp",
+        help="the model (benchmarks/longtail/models.py; default: mlp). cnn and vit need 28x28 images "
+        "(the Fashion-MNIST sets); they write benchmark longtail_ARCH (default JSON "
+        "benchmarks/results/longtail_ARCH.json) and default to the methods "
+        + " ".join(ARCH_METHODS)
+        + ", without GradTail(model) where gradtail_torch cannot track the model",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     p.add_argument(
         "--jobs",
@@ -537,7 +534,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     args.methods_given = args.methods is not None
-    if args.methods is None:
+    args.arch_skipped = {}
+    if args.arch != "mlp" and args.sweep:
+        p.error("--sweep chooses the MLP's defaults; it takes no --arch")
+    if args.methods is None and args.arch != "mlp":
+        args.methods = list(ARCH_METHODS)
+        reason = whole_model_gradtail_error(args.arch)
+        if reason is not None:
+            args.arch_skipped = {m: reason for m in args.methods if m == "gradtail"}
+            args.methods = [m for m in args.methods if m not in args.arch_skipped]
+    elif args.methods is None:
         args.methods = list(SUITE_METHODS)
     for spec in args.variant:
         register_variant(spec[0], parse_variant_options(spec[1:]))
@@ -548,10 +554,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     args.seeds_given = args.seeds is not None
     if args.out is None:
-        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+        default, quick = DEFAULT_OUT, QUICK_OUT
+        if args.arch != "mlp":
+            default = default.with_name(f"longtail_{args.arch}.json")
+            quick = quick.with_name(f"longtail_{args.arch}_quick.json")
+        args.out = quick if args.quick else default
     if args.figures_dir is None:
         args.figures_dir = args.out.parent / "figures"
     return args
+
+
+def benchmark_name(args: argparse.Namespace) -> str:
+    """``longtail`` (the MLP), ``longtail_cnn`` / ``longtail_vit``, or ``longtail_sweep``."""
+    if args.sweep:
+        return SWEEP_BENCHMARK
+    return BENCHMARK if args.arch == "mlp" else f"{BENCHMARK}_{args.arch}"
+
+
+def whole_model_gradtail_error(arch: str) -> str | None:
+    """Why ``GradTail(model)`` cannot train ``arch`` (one weighted backward on a tiny batch), or None."""
+    from gradtail_torch import GradTail
+
+    torch.manual_seed(0)
+    model = build_model(arch, 784, 10)
+    gt = GradTail(model, warmup_steps=0)
+    try:
+        gt.backward(
+            torch.nn.functional.cross_entropy(model(torch.rand(4, 784)), torch.arange(4), reduction="none")
+        )
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        return f"GradTail(model) fails on arch {arch}: {type(exc).__name__}: {exc}"
+    finally:
+        gt.remove()
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -649,16 +684,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar.close()
     add_deltas(rows)
     machine |= _meta.load_fields(load_before, _meta.load_average())
-    defaults = {d: DATASETS[d].epochs for d in args.datasets}
-    deviations: dict[str, Any] = {}
-    if not args.quick and epochs != defaults:
-        deviations["epochs"] = {"used": epochs, "default": defaults}
-    default_seeds = {d: list(DATASETS[d].seeds) for d in args.datasets}
-    if not args.quick and seeds != default_seeds:
-        deviations["seeds"] = {"used": seeds, "default": default_seeds}
+    deviations = _meta.deviations(
+        args.quick,
+        epochs=(epochs, {d: DATASETS[d].epochs for d in args.datasets}),
+        seeds=(seeds, {d: list(DATASETS[d].seeds) for d in args.datasets}),
+    )
     doc: dict[str, Any] = {
         **_meta.run_header(
-            SWEEP_BENCHMARK if args.sweep else BENCHMARK,
+            benchmark_name(args),
             SCHEMA_VERSION,
             _meta.command_line(argv, prog="python -m benchmarks.longtail.run"),
             quick=bool(args.quick),
@@ -667,7 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dtype": "float32",
         "machine": machine,
         "config": {
-            "model": "MLP d_in -> 512 -> 256 -> C (ReLU; C classes or superclasses)",
+            **({} if args.arch == "mlp" else {"arch": args.arch}),
+            "model": ARCH_TEXT[args.arch],
             "optimizer": "Adam, lr 1e-3",
             "batch_size": 128,
             "epochs": epochs,
@@ -704,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "deviations": deviations or None,
         "note": args.note,
+        **({"methods_skipped": args.arch_skipped} if args.arch_skipped else {}),
         "checkpoint": None
         if args.checkpoint is None
         else {

@@ -19,6 +19,7 @@ from .data import LongTailData, subclass_metrics
 from .methods import METHODS as ALL_METHODS
 from .methods import Batch, Context
 from .metrics import class_accuracies, group_means
+from .models import build_model
 
 METHODS = ("uniform", "inverse_frequency", "gradtail")
 
@@ -51,15 +52,6 @@ class RunResult:
     test_metrics: list[dict[str, Any]] = field(default_factory=list)
     val_metrics: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = None
-
-
-def mlp(d_in: int, n_classes: int, hidden: tuple[int, ...]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(d_in, width), nn.ReLU()]
-        d_in = width
-    layers.append(nn.Linear(d_in, n_classes))
-    return nn.Sequential(*layers)
 
 
 def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -110,8 +102,10 @@ def train(
     record_scores: bool = False,
     method_options: dict[str, Any] | None = None,
     test_every_epoch: bool = False,
+    arch: str = "mlp",
 ) -> RunResult:
-    """Train an MLP with Adam on ``data`` with one weighting ``method`` (``methods.METHODS``).
+    """Train a model (``arch``: ``models.ARCHS``, an MLP of ``hidden`` widths by default) with
+    Adam on ``data`` with one weighting ``method`` (``methods.METHODS``).
 
     ``gradtail_options`` go to ``GradTail`` for the GradTail methods, ``method_options`` to
     any method's factory. ``validation=(x, y)`` or ``(x, y, subclasses)`` adds the validation
@@ -128,7 +122,7 @@ def train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_classes = len(data.class_names)
-    model = mlp(data.x_train.shape[1], n_classes, hidden)
+    model = build_model(arch, data.x_train.shape[1], n_classes, hidden)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     x_all, y_all = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     n = len(y_all)
@@ -138,7 +132,7 @@ def train(
         """JTT's error set: train a fresh uniform model (seed + 1) and flag its training errors."""
         first = train(
             data, "uniform", seed=seed + 1, epochs=identify_epochs, batch_size=batch_size, lr=lr,
-            hidden=hidden,
+            hidden=hidden, arch=arch,
         )  # fmt: skip
         assert first.model is not None
         return np.asarray(predict(first.model, data.x_train) != data.y_train)
