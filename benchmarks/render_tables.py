@@ -65,6 +65,7 @@ TITLES = {
     "longtail_sweep": "Long-tailed data: choosing GradTail's defaults (validation only)",
     "longtail_regression": "Imbalanced regression",
     "longtail_keras": "Long-tailed data in Keras: GradTailCallback in model.fit",
+    "sketch_reference": "The sketched reference (sketch_rank) against the exact one",
 }
 
 Renderer = Callable[[dict[str, Any]], str]
@@ -81,6 +82,7 @@ RENDERERS: dict[str, str] = {
     "longtail_sweep": "benchmarks.longtail.render:render_sweep",
     "longtail_regression": "benchmarks.longtail.regression:render",
     "longtail_keras": "benchmarks.longtail.keras_suite:render",
+    "sketch_reference": "benchmarks.sketch_reference:render",
 }
 
 
