@@ -51,6 +51,7 @@ RESULTS = Path(__file__).parent / "results" / "sketch_reference.json"
 QUICK = Path("results") / "sketch_reference_quick.json"
 MLP_DIMS = (784, 1024, 1024, 512, 1000)
 RANK = 16
+DEVICE = torch.device("cpu")  # --device cuda for scripts/gpu_check.sh
 
 
 def _mlp(dims: Sequence[int], seed: int) -> nn.Sequential:
@@ -58,7 +59,7 @@ def _mlp(dims: Sequence[int], seed: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for d_in, d_out in itertools.pairwise(dims):
         layers += [nn.Linear(d_in, d_out), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
+    return nn.Sequential(*layers[:-1]).to(DEVICE)
 
 
 def _state_bytes(gt: GradTail | None) -> int:
@@ -75,14 +76,32 @@ def _persistent_bytes(model: nn.Module, gt: GradTail | None) -> int:
 
 
 def _median_times(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    times = round_robin(list(steps), repeats, lambda name: timed(steps[name]))
+    def run(name: str) -> float:
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return timed(lambda: (steps[name](), torch.cuda.synchronize() if DEVICE.type == "cuda" else None))
+
+    times = round_robin(list(steps), repeats, run)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _peak_growth(step: Callable[[], None]) -> int:
+    """The allocator's peak growth during one step (the CUDA allocator's on a GPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    return profiler_peak(step)[0]
 
 
 def every_layer(batch: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(batch, MLP_DIMS[0], generator=g), torch.randint(0, MLP_DIMS[-1], (batch,), generator=g)
+    x = torch.randn(batch, MLP_DIMS[0], generator=g).to(DEVICE)
+    y = torch.randint(0, MLP_DIMS[-1], (batch,), generator=g).to(DEVICE)
     variants: dict[str, tuple[nn.Module, GradTail | None]] = {}
     for name in ("plain", "head", "every_layer_exact", "every_layer_sketch"):
         model = _mlp(MLP_DIMS, seed=0)
@@ -116,7 +135,7 @@ def every_layer(batch: int, repeats: int) -> dict[str, Any]:
     medians = _median_times(steps, repeats)
     out: dict[str, Any] = {"batch": batch, "dims": list(MLP_DIMS), "repeats": repeats, "variants": {}}
     for name, (model, gt) in variants.items():
-        peak_growth, _ = profiler_peak(steps[name])
+        peak_growth = _peak_growth(steps[name])
         out["variants"][name] = {
             "step_seconds": medians[name],
             "state_bytes": _state_bytes(gt),
@@ -158,7 +177,7 @@ def lm_head(batch: int, steps: int, repeats: int, d_in: int = 4096, vocab: int =
         )
 
     torch.manual_seed(2)
-    head = nn.Linear(d_in, vocab, bias=False)
+    head = nn.Linear(d_in, vocab, bias=False).to(DEVICE)
     exact, sketch = GradTail(head, decay=0.99), GradTail(head, decay=0.99, sketch_rank=RANK)
     diffs, corr = [], []
     opt = torch.optim.SGD(head.parameters(), lr=0.5)
@@ -171,7 +190,7 @@ def lm_head(batch: int, steps: int, repeats: int, d_in: int = 4096, vocab: int =
         (w_exact * loss).mean().backward()
         opt.step()
         if int(exact.state.count) > 1:
-            a, b = exact.last_alignment.numpy(), sketch.last_alignment.numpy()
+            a, b = exact.last_alignment.cpu().numpy(), sketch.last_alignment.cpu().numpy()
             diffs.append(float(np.abs(a - b).max()))
             corr.append(float(np.corrcoef(a, b)[0, 1]))
     state_ratio = _state_bytes(sketch) / _state_bytes(exact)
@@ -299,7 +318,8 @@ def render(doc: dict[str, Any]) -> str:
     """The section of docs/benchmarks.md for this results file."""
     ev, machine = doc["every_layer"], doc["machine"]
     lines = [
-        f"Machine: {machine['cpu_model']}, load {machine['loadavg_1min_before']:.1f} before and "
+        f"Machine: {machine['cpu_model']} ({doc.get('device', 'cpu')}), "
+        f"load {machine['loadavg_1min_before']:.1f} before and "
         f"{machine['loadavg_1min_after']:.1f} after; {doc['timestamp']}; sketch rank k = {RANK}.",
         "",
         f"**Every layer of the MLP {' -> '.join(map(str, ev['dims']))}, B = {ev['batch']}, one thread** "
@@ -329,6 +349,8 @@ def render(doc: dict[str, Any]) -> str:
         f"| max abs alignment difference ({lm['scored_steps']} steps) | {lm['alignment_max_abs_diff']:.4f} |",
     ]
     ac = doc["accuracy"]
+    if ac is None:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"**Accuracy on {ac['dataset']}** (the suite's MLP, {ac['epochs']} epochs, seed {ac['seed']}; "
@@ -353,19 +375,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick", action="store_true", help="small smoke run (results/ folder, not committed)"
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (scripts/gpu_check.sh)")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the speed and memory parts")
     args = parser.parse_args(argv)
     quick = args.quick
+    global DEVICE
+    DEVICE = torch.device(args.device)
     before = load_average()
     results = {
         "every_layer": every_layer(batch=32 if quick else 256, repeats=3 if quick else 15),
         "lm_head": lm_head(
             batch=2 if quick else 8,
-            steps=3 if quick else 8,
-            repeats=1 if quick else 3,
+            steps=3 if quick else 6,
+            repeats=1 if quick else 2,
             d_in=512 if quick else 4096,
             vocab=4000 if quick else 32_000,
         ),
-        "accuracy": accuracy(epochs=1 if quick else 4, seed=0),
+        "accuracy": None if args.skip_accuracy else accuracy(epochs=1 if quick else 4, seed=0),
     }
     fields = load_fields(before, load_average())
     git = git_state({"dirty_library": ["gradtail_ops", "adapters"]})
@@ -374,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timestamp": utc_timestamp(),
         "machine": machine_info({"torch": torch.__version__}, git=git, fields=fields),
         "quick": quick,
+        "device": str(DEVICE),
         **results,
     }
     out = args.out or (QUICK if quick else RESULTS)
