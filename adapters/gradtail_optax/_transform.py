@@ -95,27 +95,33 @@ def _is_real_floating(dtype: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def _weighted_means(names: list[str], grads: list[Any], weights: jax.Array) -> list[Any]:
+def _weighted_means(
+    names: list[str], grads: list[Any], params: list[Any] | None, weights: jax.Array
+) -> list[Any]:
     """``(1/B) sum_i w_i g_i`` per leaf, in the leaf's dtype.
 
-    Leaves without a real floating dtype carry no gradient (``float0`` from
-    ``jax.grad(..., allow_int=True)``, integers, booleans): their mean is zeros of their dtype
-    and the parameter's shape. An empty batch (B = 0) gives zeros everywhere.
+    Leaves without a real floating dtype (``float0`` from ``jax.grad(..., allow_int=True)``,
+    integers, booleans: parameters left out by ``alignment_mask``) carry no gradient: their
+    update is zeros in the parameter's dtype (which ``optax.apply_updates`` and the optax
+    optimisers accept), or the gradient's dtype without ``params``. An empty batch (B = 0)
+    gives zeros everywhere.
     """
     out = []
-    for name, g in zip(names, grads, strict=True):
+    for k, (name, g) in enumerate(zip(names, grads, strict=True)):
         shape = tuple(g.shape[1:])
-        if g.dtype == jax.dtypes.float0:
-            out.append(np.zeros(shape, jax.dtypes.float0))
-        elif jnp.issubdtype(g.dtype, jnp.complexfloating):
+        if jnp.issubdtype(g.dtype, jnp.complexfloating):
             raise TypeError(
                 f"`updates` leaf {name} must have a real dtype (complex gradients are not supported); "
                 f"Received: dtype={g.dtype} with shape {tuple(g.shape)}."
             )
-        elif not _is_real_floating(g.dtype) or g.shape[0] == 0:
-            out.append(jnp.zeros(shape, g.dtype))
-        else:
+        if _is_real_floating(g.dtype) and g.shape[0]:
             out.append(weighted_batch_mean(g, weights).astype(g.dtype))
+        elif params is not None:
+            out.append(jnp.zeros(shape, params[k].dtype))
+        elif g.dtype == jax.dtypes.float0:
+            out.append(np.zeros(shape, jax.dtypes.float0))
+        else:
+            out.append(jnp.zeros(shape, g.dtype))
     return out
 
 
@@ -201,8 +207,9 @@ def gradtail(
         from the parameters (called with ``params``, or, when ``update`` gets no ``params``,
         with ``jax.ShapeDtypeStruct`` leaves shaped like them). Every floating leaf is
         weighted; only the scored ones are compared with the reference (and held in the
-        state). Leaves left out may be integers (their gradients, e.g. ``float0``, pass
-        through as zeros). Defaults to scoring every leaf.
+        state). Leaves left out may be integers: their gradients (e.g. ``float0`` from
+        ``jax.grad(..., allow_int=True)``) become zero updates in the parameter's dtype.
+        Defaults to scoring every leaf.
     axis_name : hashable, optional
         Under ``pmap``/``shard_map``: the mapped axis over which the batch reference is averaged
         (``jax.lax.pmean``) before the EMA update, so every device holds one state equal to a
@@ -339,7 +346,7 @@ def gradtail(
             check_device_local(scored, axis_name)
         rows = None if index is None else jnp.asarray(index)
         out = tail_step(to_tail(state), scored, config=cfg, index=rows, collectives=hooks, copy_memory=False)
-        mean = _weighted_means(names, grads, jax.lax.stop_gradient(out.weights))
+        mean = _weighted_means(names, grads, param_leaves, jax.lax.stop_gradient(out.weights))
         if axis_name is not None and n:
             mean = [jax.lax.pmean(m, axis_name) if _is_real_floating(m.dtype) else m for m in mean]  # type: ignore[no-untyped-call]
         return jax.tree.unflatten(treedef, mean), after_step(state, out)
