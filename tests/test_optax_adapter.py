@@ -26,8 +26,6 @@ from gradtail_optax import (  # noqa: E402
     gradtail,
     head,
     loss_and_output_grads,
-    state_from_dict,
-    state_to_dict,
 )
 
 from . import _optax_sharded_worker as sharded  # noqa: E402

@@ -22,12 +22,9 @@ import gradtail_optax  # noqa: E402
 from gradtail_optax import GradTailState, gradtail, head, state_from_dict, state_to_dict  # noqa: E402
 
 from . import reference as ref  # noqa: E402
+from .test_policy import CURVES  # noqa: E402  # the curves of the core's policy tests
 
 D_IN, D_OUT, BATCH, N = 5, 3, 6, 12
-CURVES = {
-    "rank": {"kind": "rank", "max_weight": 3.0, "quantile": 0.3, "normalize": True},
-    "sigmoid": {"kind": "sigmoid", "max_weight": 2.5, "threshold": 0.1, "temperature": 0.2, "normalize": True},
-}
 MEMORY = {"size": N, "decay": 0.4, "eta": 1.3, "max_weight": 2.5}
 
 
@@ -100,7 +97,11 @@ def test_every_form_with_a_schedule_matches_the_loop_reference(form, case):
                     return gradtail_optax.head_weights(s, a, d, index=index, **legacy)
         else:
             inner = optax.sgd(lr) if form == "wrapped" else None
-            tx = gradtail(inner, batch_size=BATCH, **options) if inner else gradtail(batch_size=BATCH, **options)
+            tx = (
+                gradtail(inner, batch_size=BATCH, **options)
+                if inner
+                else gradtail(batch_size=BATCH, **options)
+            )
             opt_state = tx.init(layer)
             tx_update = jax.jit(tx.update)
 
@@ -188,8 +189,10 @@ def test_bad_batch_size_is_refused(build, batch_size):
 def test_numpy_scalar_options_are_accepted_as_python_numbers():
     options = {"decay": np.float32(0.5), "max_weight": np.float64(2.0), "eps": np.float32(0.0)}
     ht = head(batch_size=np.int64(2), memory_size=np.int32(10), warmup_steps=np.int64(1), **options)
-    assert ht.config.decay == 0.5 and type(ht.config.decay) is float
-    assert ht.config.memory.size == 10 and type(ht.config.memory.size) is int
+    assert ht.config.decay == 0.5
+    assert type(ht.config.decay) is float
+    assert ht.config.memory.size == 10
+    assert type(ht.config.memory.size) is int
     state = ht.init({"kernel": jnp.zeros((4, 3))})
     assert state.weights.shape == (2,)
     params = {"w": jnp.ones(3)}
@@ -219,7 +222,10 @@ def test_empty_batch_changes_nothing(memory):
     params = {"w": jnp.ones((D_IN, D_OUT)), "b": jnp.zeros(D_OUT)}
     options = {"decay": 0.9, "memory_size": N} if memory else {"decay": 0.9}
     rng = np.random.default_rng(0)
-    full = {"w": jnp.asarray(rng.normal(size=(4, D_IN, D_OUT))), "b": jnp.asarray(rng.normal(size=(4, D_OUT)))}
+    full = {
+        "w": jnp.asarray(rng.normal(size=(4, D_IN, D_OUT))),
+        "b": jnp.asarray(rng.normal(size=(4, D_OUT))),
+    }
     empty = jax.tree.map(lambda g: g[:0], full)
     index = {"index": jnp.arange(4)} if memory else {}
     no_rows = {"index": jnp.zeros(0, jnp.int32)} if memory else {}
@@ -341,10 +347,14 @@ def test_masked_integer_leaf_gets_a_zero_update_and_the_rest_is_unchanged():
         for k in floats:
             np.testing.assert_allclose(updates[k], u_plain[k], rtol=1e-6)
         np.testing.assert_array_equal(optax.tree.get(state, "weights"), optax.tree.get(s_plain, "weights"))
-    assert p["step"].dtype == jnp.int32 and int(p["step"]) == 0
+    assert p["step"].dtype == jnp.int32
+    assert int(p["step"]) == 0
     # Without params, a float0 gradient's update is float0 zeros (its own dtype).
-    out, _ = gradtail(batch_size=4, alignment_mask=mask).update(grads, gradtail(batch_size=4, alignment_mask=mask).init(params))
-    assert out["step"].dtype == jax.dtypes.float0 and out["step"].shape == ()
+    out, _ = gradtail(batch_size=4, alignment_mask=mask).update(
+        grads, gradtail(batch_size=4, alignment_mask=mask).init(params)
+    )
+    assert out["step"].dtype == jax.dtypes.float0
+    assert out["step"].shape == ()
 
 
 def test_leaf_errors_name_the_leaf():
@@ -381,10 +391,14 @@ def test_state_dict_round_trip_resumes_identically():
     saved = state_to_dict(state, **options)
     assert int(saved["steps"]) == int(state[0].count) == 2
     # Through NumPy, as a checkpoint would store it.
-    saved = {k: jax.tree.map(np.asarray, v) if k in ("mean", "total", "count", "steps") else v for k, v in saved.items()}
+    saved = {
+        k: jax.tree.map(np.asarray, v) if k in ("mean", "total", "count", "steps") else v
+        for k, v in saved.items()
+    }
     saved |= {k: np.asarray(saved[k]) for k in ("memory_score", "memory_visits")}
     restored, config = state_from_dict(saved, like=tx.init(params), **options)
-    assert config.memory.decay == 0.5 and config.decay is schedule
+    assert config.memory.decay == 0.5
+    assert config.decay is schedule
     restored = (restored[0], state[1])  # the Adam state is the optimiser's business
     for g, index in steps[2:]:
         u1, state = step(state, g, index)
@@ -406,18 +420,41 @@ def _saved():
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        (lambda d: d.update(total=np.float64(1.5)), ValueError, r"`total` must be a finite number in \[0.0, 1.0\]"),
+        (
+            lambda d: d.update(total=np.float64(1.5)),
+            ValueError,
+            r"`total` must be a finite number in \[0.0, 1.0\]",
+        ),
         (lambda d: d.update(steps=np.int32(0)), ValueError, r"`steps` >= `count`"),
         (lambda d: d.update(count=np.int32(-1)), ValueError, r"`count` must be >= 0"),
-        (lambda d: d["mean"].__setitem__(0, np.full(D_OUT, np.nan)), ValueError, r"`mean\[0\]` must be finite"),
+        (
+            lambda d: d["mean"].__setitem__(0, np.full(D_OUT, np.nan)),
+            ValueError,
+            r"`mean\[0\]` must be finite",
+        ),
         (lambda d: d["mean"].__setitem__(1, np.zeros((D_OUT, D_IN))), ValueError, r"`mean` must match"),
-        (lambda d: d.update(memory_visits=-np.ones(N, np.int32)), ValueError, r"`memory_visits` must be >= 0"),
+        (
+            lambda d: d.update(memory_visits=-np.ones(N, np.int32)),
+            ValueError,
+            r"`memory_visits` must be >= 0",
+        ),
         (lambda d: d.update(memory_score=np.zeros(N, np.int32)), TypeError, r"`memory_score` must hold real"),
         (lambda d: [d.pop(k) for k in ("memory_score", "memory_visits")], ValueError, r"per-example memory"),
         (lambda d: d.update(reference="mean"), ValueError, r"reference='mean'"),
         (lambda d: d.update(colour=1), ValueError, r"unknown \['colour'\]"),
     ],
-    ids=["total", "steps", "count", "nan-mean", "shape", "visits", "score-dtype", "no-memory", "reference", "key"],
+    ids=[
+        "total",
+        "steps",
+        "count",
+        "nan-mean",
+        "shape",
+        "visits",
+        "score-dtype",
+        "no-memory",
+        "reference",
+        "key",
+    ],
 )
 def test_state_from_dict_validates_before_building(change, error, match):
     like, options, saved = _saved()
@@ -442,6 +479,8 @@ def test_head_state_dict_round_trip_and_steps_semantics():
     _, _, state = ht.update(state, a, d_bad)
     saved = state_to_dict(state, ht.config)
     assert (int(saved["count"]), int(saved["steps"])) == (1, 2)
-    restored, _ = state_from_dict(saved, like=ht.init({"kernel": jnp.zeros((D_IN, D_OUT)), "bias": jnp.zeros(D_OUT)}), config=ht.config)
+    restored, _ = state_from_dict(
+        saved, like=ht.init({"kernel": jnp.zeros((D_IN, D_OUT)), "bias": jnp.zeros(D_OUT)}), config=ht.config
+    )
     _assert_same_tree(restored._replace(weights=0, alignment=0), state._replace(weights=0, alignment=0))
     assert math.isclose(float(saved["total"]), 1 - schedule(0), rel_tol=1e-6)

@@ -330,7 +330,9 @@ def head_weights(
     """
     _deprecated("head_weights", "gradtail_optax.head(batch_size=..., **options).update")
     if not isinstance(state, GradTailState):
-        raise TypeError(f"`state` must be a GradTailState from head_init(); Received: {type(state).__name__}.")
+        raise TypeError(
+            f"`state` must be a GradTailState from head_init(); Received: {type(state).__name__}."
+        )
     if config is None and state.memory is not None:
         options = {**options, "memory_size": int(state.memory.score.shape[0])}
     cfg = coerce_config(config, options)

@@ -124,7 +124,9 @@ def _is_state(x: Any) -> bool:
 
 def _find(opt_state: Any) -> GradTailState:
     """The one `GradTailState` in an optimiser state (or the state itself)."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_state) if _is_state(s)]
+    found: list[GradTailState] = [
+        s for s in jax.tree.leaves(opt_state, is_leaf=_is_state) if isinstance(s, GradTailState)
+    ]
     if len(found) != 1:
         raise ValueError(
             "`state` must be a GradTailState or an optimiser state holding exactly one; Received: "
@@ -137,7 +139,8 @@ def _placed(new: Any, like: Any) -> jax.Array:
     # Committed like `like` (its sharding), or uncommitted as `init` makes them: a jitted step
     # then compiles once for the loaded state as for a fresh one.
     if isinstance(like, jax.Array) and like.committed:
-        return jax.device_put(new, like.sharding)
+        placed: jax.Array = jax.device_put(new, like.sharding)
+        return placed
     return jnp.asarray(np.asarray(new))
 
 
@@ -212,7 +215,8 @@ def state_from_dict(
     Raises
     ------
     ValueError, TypeError
-        Naming the offending key ("Received: ...").
+        From the core's checks, each naming the offending key ("Received: ..."); or when
+        ``like`` holds no `GradTailState`, or several.
 
     Examples
     --------

@@ -126,8 +126,11 @@ def _weighted_means(
 
 
 def _wrap(gt: optax.GradientTransformationExtraArgs, inner: Any) -> optax.GradientTransformationExtraArgs:
-    """``gt`` feeding ``inner`` its weighted mean gradient: ``optax.chain(gt, inner)``'s state,
-    but an empty batch skips ``inner`` (its state stays), and the order cannot be wrong."""
+    """``gt`` feeding ``inner`` its weighted mean gradient, with ``optax.chain(gt, inner)``'s state.
+
+    Unlike the chain, an empty batch skips ``inner`` (its state stays), and the order cannot
+    be wrong.
+    """
     if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
         raise TypeError(
             "The positional argument of gradtail must be the optax GradientTransformation it feeds "
@@ -307,6 +310,7 @@ def gradtail(
         grads = [g for _, g in flat]
         param_leaves = None
         if params is not None:
+            param_def: Any
             param_leaves, param_def = jax.tree.flatten(params)
             if param_def != treedef:
                 raise ValueError(
