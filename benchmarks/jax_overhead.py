@@ -5,7 +5,7 @@ MLP 784 -> 1024 -> 1024 -> 512 -> 1000 (ReLU) for three variants that compute th
 
 * ``plain``: ``jax.grad`` of the mean cross-entropy, ``optax.sgd``.
 * ``efficient``: the recommended path: one forward under ``jax.vjp``, the head's per-example
-  output gradients (``gradtail_optax.loss_and_output_grads``), ``gradtail_optax.head_weights``
+  output gradients (``gradtail_optax.loss_and_output_grads``), ``gradtail_optax.head`` (update)
   on the 512x1000 head, then one backward of the weighted loss (cotangent ``w / B``).
 * ``transform``: per-example gradients of every parameter (``jax.vmap(jax.grad(...))``), then
   ``optax.chain(gradtail_optax.gradtail(alignment_mask=head only), optax.sgd(...))``: the same
@@ -167,6 +167,7 @@ def make_variant(variant: str, batch: int, lr: float) -> tuple[Callable[..., Any
 
         init = sgd.init
     elif variant == "efficient":
+        ht = gradtail_optax.head(batch_size=batch)
 
         def step(params: Any, state: Any, x: jax.Array, y: jax.Array) -> Any:
             opt_state, gt = state
@@ -178,13 +179,13 @@ def make_variant(variant: str, batch: int, lr: float) -> tuple[Callable[..., Any
 
             _, backward, (h, logits) = jax.vjp(forward, params, has_aux=True)
             _, dlogits = gradtail_optax.loss_and_output_grads(ce, logits, y)
-            w, _, gt = gradtail_optax.head_weights(gt, h, dlogits)
+            w, _, gt = ht.update(gt, h, dlogits)
             (grads,) = backward(w / batch)
             updates, opt_state = sgd.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), (opt_state, gt)
 
         def init(params: Any) -> Any:
-            return sgd.init(params), gradtail_optax.head_init(params[-1], batch_size=batch)
+            return sgd.init(params), ht.init(params[-1])
 
     elif variant == "transform":
         tx = optax.chain(gradtail_optax.gradtail(batch_size=batch, alignment_mask=HEAD_MASK), sgd)

@@ -4,9 +4,9 @@ Run: ``.venv/bin/python examples/jax_long_tail.py``. Trains the same pure-JAX ML
 prints the balanced test accuracy and that of the rarest classes:
 
 * ``uniform``: the plain mean loss;
-* ``transform``: ``optax.chain(gradtail_optax.gradtail(...), optax.adam(...))`` fed per-example
+* ``transform``: ``gradtail_optax.gradtail(optax.adam(...), ...)`` fed per-example
   gradients of every parameter (``jax.vmap(jax.grad(...))``), all layers scored;
-* ``efficient``: ``gradtail_optax.head_weights`` on the head's inputs and output gradients, then
+* ``efficient``: ``gradtail_optax.head(...).update`` on the head's inputs and output gradients, then
   one backward of the weighted loss (the recommended path for large models).
 """
 
@@ -76,7 +76,7 @@ def fit(x, y, *, mode: str, seed: int = 0):
     adam = optax.adam(LR)
 
     if mode == "transform":
-        opt = optax.chain(gradtail_optax.gradtail(batch_size=BATCH, warmup_steps=warmup), adam)
+        opt = gradtail_optax.gradtail(adam, batch_size=BATCH, warmup_steps=warmup)  # wraps Adam
 
         def step(params, state, xb, yb):
             def example_loss(p, xi, yi):
@@ -89,6 +89,7 @@ def fit(x, y, *, mode: str, seed: int = 0):
         state = opt.init(params)
 
     elif mode == "efficient":
+        ht = gradtail_optax.head(batch_size=BATCH, warmup_steps=warmup)
 
         def step(params, state, xb, yb):
             opt_state, gt = state
@@ -100,12 +101,12 @@ def fit(x, y, *, mode: str, seed: int = 0):
 
             _, backward, (h, logits) = jax.vjp(forward, params, has_aux=True)  # one forward
             _, dlogits = gradtail_optax.loss_and_output_grads(ce, logits, yb)  # dL_i/dz_i, (B, 10)
-            w, _, gt = gradtail_optax.head_weights(gt, h, dlogits, warmup_steps=warmup)
+            w, _, gt = ht.update(gt, h, dlogits)
             (grads,) = backward(w / BATCH)  # one backward: the gradient of mean_i(w_i L_i)
             updates, opt_state = adam.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), (opt_state, gt)
 
-        state = (adam.init(params), gradtail_optax.head_init(params[-1], batch_size=BATCH))
+        state = (adam.init(params), ht.init(params[-1]))
 
     else:
 

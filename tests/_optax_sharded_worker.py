@@ -62,13 +62,15 @@ def transform_step(tx: Any, axis_name: str | None = None) -> Any:
 
 
 def head_step(axis_name: str | None = None, devices: int = 1) -> Any:
-    """A step of the efficient path: head_weights, then one backward of the weighted loss."""
+    """A step of the efficient path: `gradtail_optax.head`, then one backward of the weighted loss."""
     import jax
     import optax
 
     import gradtail_optax
 
     sgd = optax.sgd(LR)
+    # batch_size only shapes init's state; update takes it from the state.
+    ht = gradtail_optax.head(batch_size=BATCH // devices, axis_name=axis_name, **OPTIONS)
 
     def step(params: Any, state: Any, x: Any, y: Any) -> Any:
         opt_state, gt = state
@@ -80,7 +82,7 @@ def head_step(axis_name: str | None = None, devices: int = 1) -> Any:
 
         _, backward, (h, logits) = jax.vjp(forward, params, has_aux=True)
         _, dlogits = gradtail_optax.loss_and_output_grads(losses, logits, y)
-        w, _, gt = gradtail_optax.head_weights(gt, h, dlogits, axis_name=axis_name, **OPTIONS)
+        w, _, gt = ht.update(gt, h, dlogits)
         # Under shard_map the gradient of replicated parameters is summed over the devices:
         # dividing by the global batch size gives the global mean.
         (grads,) = backward(w / (x.shape[0] * devices))
@@ -95,7 +97,7 @@ def head_init(params: Any, batch: int) -> Any:
 
     import gradtail_optax
 
-    return optax.sgd(LR).init(params), gradtail_optax.head_init(params["head"], batch_size=batch)
+    return optax.sgd(LR).init(params), gradtail_optax.head(batch_size=batch, **OPTIONS).init(params["head"])
 
 
 def flat_state(gt: Any, params: Any) -> dict[str, np.ndarray]:

@@ -21,7 +21,12 @@ optax = pytest.importorskip("optax")
 jnp = jax.numpy
 
 import gradtail_optax  # noqa: E402
-from gradtail_optax import GradTailState, gradtail, head_init, head_weights, loss_and_output_grads  # noqa: E402
+from gradtail_optax import (  # noqa: E402
+    GradTailState,
+    gradtail,
+    head,
+    loss_and_output_grads,
+)
 
 from . import _optax_sharded_worker as sharded  # noqa: E402
 from . import reference as ref  # noqa: E402
@@ -196,8 +201,9 @@ def test_head_path_matches_sequence_reference():
     rng = np.random.default_rng(3)
     batch, steps_t, d_in, d_out, decay = 4, 3, 5, 2, 0.7
     with jax.enable_x64(True):
-        state = head_init({"kernel": jnp.zeros((d_in, d_out)), "bias": jnp.zeros(d_out)}, batch_size=batch)
-        fn = jax.jit(lambda s, a, d: head_weights(s, a, d, decay=decay, reference="mean"))
+        ht = head(batch_size=batch, decay=decay, reference="mean")
+        state = ht.init({"kernel": jnp.zeros((d_in, d_out)), "bias": jnp.zeros(d_out)})
+        fn = jax.jit(ht.update)
         history = []
         for _ in range(4):
             a, d = rng.normal(size=(batch, steps_t, d_in)), rng.normal(size=(batch, steps_t, d_out))
@@ -219,20 +225,21 @@ def test_head_path_matches_sequence_reference():
         assert fn._cache_size() == 1
 
 
-def head_path_step(state, params, x, y, **options):
-    """``head_weights`` of one batch of the test MLP: features, logits, output gradients."""
+def head_path_step(ht, state, params, x, y, index=None):
+    """``ht.update`` (a `head` transform) on one batch of the test MLP: features, logits, output gradients."""
     h = features(params, x)
     logits = h @ params["head"]["kernel"] + params["head"]["bias"]
     _, dlogits = loss_and_output_grads(optax.softmax_cross_entropy_with_integer_labels, logits, y)
-    return head_weights(state, h, dlogits, **options)
+    return ht.update(state, h, dlogits, index=index)
 
 
 def test_head_path_equals_transform_on_the_head():
     params, batch = make_params(2), 16
     tx = gradtail(batch_size=batch, decay=0.9, alignment_mask=HEAD_ONLY)
     s_tx = tx.init(params)
-    s_head = head_init(params["head"], batch_size=batch)
-    head_fn = jax.jit(lambda s, x, y: head_path_step(s, params, x, y, decay=0.9))
+    ht = head(batch_size=batch, decay=0.9)
+    s_head = ht.init(params["head"])
+    head_fn = jax.jit(lambda s, x, y: head_path_step(ht, s, params, x, y))
     tx_fn = jax.jit(lambda s, x, y: tx.update(per_example_grads(params, x, y), s, params)[1])
     for t in range(4):
         x, y = make_batch(t, batch)
@@ -272,9 +279,10 @@ def test_same_weights_as_gradtail_torch(scope):
     gt = GradTail(model[2] if scope == "head" else model, decay=0.9)
     tx = gradtail(batch_size=batch, decay=0.9, alignment_mask=HEAD_ONLY if scope == "head" else None)
     s_tx = tx.init(params)
-    s_head = head_init(params["head"], batch_size=batch)
+    ht = head(batch_size=batch, decay=0.9)
+    s_head = ht.init(params["head"])
     tx_fn = jax.jit(lambda s, x, y: tx.update(per_example_grads(params, x, y), s, params)[1])
-    head_fn = jax.jit(lambda s, x, y: head_path_step(s, params, x, y, decay=0.9))
+    head_fn = jax.jit(lambda s, x, y: head_path_step(ht, s, params, x, y))
     for t in range(4):
         x, y = make_batch(t, batch)
         loss = torch.nn.functional.cross_entropy(
@@ -310,7 +318,8 @@ def test_jitted_long_tail_training_without_recompiling():
     batch, n_steps = 32, 24
     opt = optax.adam(3e-2)
 
-    tx = optax.chain(gradtail(batch_size=batch, decay=0.9), opt)
+    tx = gradtail(opt, batch_size=batch, decay=0.9)
+    ht = head(batch_size=batch, decay=0.9)
 
     @jax.jit
     def transform_step(params, state, x, y):
@@ -321,13 +330,13 @@ def test_jitted_long_tail_training_without_recompiling():
     def head_step(params, opt_state, gt, x, y):
         _, backward, (h, logits) = jax.vjp(lambda p: head_forward(p, x, y), params, has_aux=True)
         _, dlogits = loss_and_output_grads(optax.softmax_cross_entropy_with_integer_labels, logits, y)
-        w, _, gt = head_weights(gt, h, dlogits, decay=0.9)
+        w, _, gt = ht.update(gt, h, dlogits)
         (grads,) = backward(w / batch)  # the weighted loss, differentiated once
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, gt
 
     p1 = p2 = make_params(5)
-    s1, s2, gt = tx.init(p1), opt.init(p2), head_init(p2["head"], batch_size=batch)
+    s1, s2, gt = tx.init(p1), opt.init(p2), ht.init(p2["head"])
     start = float(per_example_losses(p1, x_all, y_all).mean())
     for t in range(n_steps):
         lo = (t * batch) % (len(y_all) - batch)
@@ -543,16 +552,19 @@ def test_callable_mask_without_params_sees_shapes():
     assert int(state.ema.count) == 1
 
 
-def test_head_weights_errors():
-    state = head_init({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}, batch_size=2)
+def test_head_path_errors():
+    ht = head(batch_size=2)
+    state = ht.init({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)})
     with pytest.raises(ValueError, match=r"`head_inputs` of layer 0 must have shape \(2, d_in=4\)"):
-        head_weights(state, jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+        ht.update(state, jnp.zeros((2, 3)), jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"`head_output_grads` of layer 0 must have shape \(2, 3\)"):
-        head_weights(state, jnp.zeros((2, 4)), jnp.zeros((2, 4)))
+        ht.update(state, jnp.zeros((2, 4)), jnp.zeros((2, 4)))
     with pytest.raises(ValueError, match="1 dense layer"):
-        head_weights(state, [jnp.zeros((2, 4))] * 2, [jnp.zeros((2, 3))] * 2)
+        ht.update(state, [jnp.zeros((2, 4))] * 2, [jnp.zeros((2, 3))] * 2)
     with pytest.raises(ValueError, match=r"kernel must have shape \(d_in, d_out\)"):
-        head_init(jnp.zeros(3), batch_size=2)
+        ht.init(jnp.zeros(3))
+    with pytest.raises(TypeError, match="GradTailState"):
+        ht.update(optax.EmptyState(), jnp.zeros((2, 4)), jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match="one loss per example"):
         loss_and_output_grads(lambda z: z.sum(), jnp.zeros((2, 3)))
 
@@ -571,10 +583,15 @@ def test_import_error_names_the_extra():
 def test_public_api():
     assert set(gradtail_optax.__all__) == {
         "GradTailState",
+        "HeadOutput",
+        "HeadTransform",
         "gradtail",
+        "head",
         "head_init",
         "head_weights",
         "loss_and_output_grads",
+        "state_from_dict",
+        "state_to_dict",
     }
     assert isinstance(gradtail(batch_size=2), optax.GradientTransformationExtraArgs)
     assert GradTailState._fields == ("ema", "count", "weights", "alignment", "memory")

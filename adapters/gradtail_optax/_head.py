@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import functools
+import warnings
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from gradtail_ops import (
-    DEFAULT_CURVE,
-    DEFAULT_DECAY,
-    DEFAULT_REFERENCE,
-    DEFAULT_WARMUP_STEPS,
-    linear_score_and_update,
-)
-from gradtail_ops.curves import Curve
+from gradtail_ops import Collectives, GradTailConfig, coerce_config, linear_tail_step
 
-from ._memory import check_index, memory_step
-from ._options import Decay, check_memory_size, make_options, resolve_decay
-from ._transform import GradTailState, check_batch_size, init_state, next_state
+from ._checks import check_batch_size
+from ._collectives import collectives
+from ._state import GradTailState, after_step, init_state, to_tail
 
-__all__ = ["head_init", "head_weights", "loss_and_output_grads"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-_options = functools.lru_cache(maxsize=64)(make_options)
+    from gradtail_ops import GradTailOptions
+
+__all__ = ["HeadOutput", "HeadTransform", "head", "head_init", "head_weights", "loss_and_output_grads"]
 
 
 def _layer(spec: Any, k: int) -> tuple[Any, Any | None]:
@@ -59,55 +55,6 @@ def _layer(spec: Any, k: int) -> tuple[Any, Any | None]:
     return kernel, bias
 
 
-def head_init(head: Any, /, *, batch_size: int, memory_size: int | None = None) -> GradTailState:
-    """A fresh `GradTailState` for `head_weights` on one dense layer (or several, scored jointly).
-
-    Parameters
-    ----------
-    head : mapping, tuple, array, or list of those
-        One dense layer ``z = a @ kernel + bias`` as ``{"kernel": ..., "bias": ...}`` (Flax's
-        ``Dense`` parameters), ``(kernel, bias)``, ``(kernel,)`` or a bare kernel (no bias);
-        ``kernel`` has JAX's layout ``(d_in, d_out)``. A list of layers scores them jointly
-        (one cosine over all their parameters). Arrays or ``jax.ShapeDtypeStruct`` (only the
-        shapes and dtypes are used).
-    batch_size : int
-        Examples per step (per device under ``pmap``/``shard_map``).
-    memory_size : int, optional
-        Keep a persistent per-example memory for a training set of this many examples (see
-        `gradtail`'s ``memory_size``); every `head_weights` call then needs ``index=``. Off
-        (None) by default.
-
-    Returns
-    -------
-    GradTailState
-        ``ema.mean`` is a list with one ``(kernel_ref, bias_ref)`` (or ``(kernel_ref,)``) tuple of
-        zeros per layer, ``kernel_ref`` in the core's ``(d_out, d_in)`` layout (the transpose of
-        the kernel, as in PyTorch); weights 1 and alignments 0 of shape ``(batch_size,)``;
-        ``memory`` zeros of shape ``(memory_size,)`` when asked for, else None.
-
-    Examples
-    --------
-    >>> import jax.numpy as jnp
-    >>> state = head_init({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}, batch_size=8)
-    >>> [m.shape for m in state.ema.mean[0]], state.weights.shape  # reference in (d_out, d_in)
-    ([(3, 4), (3,)], (8,))
-    """
-    batch = check_batch_size(batch_size)
-    memory_rows = check_memory_size(memory_size)
-    specs = head if isinstance(head, list) else [head]
-    if not specs:
-        raise ValueError("`head` must hold at least one dense layer; Received: an empty list.")
-    template = []
-    for k, spec in enumerate(specs):
-        kernel, bias = _layer(spec, k)
-        # The reference is kept in the core's (d_out, d_in) layout, the kernel's transpose: the
-        # factored products then need no transpose each step (measured: ~1 ms a step for a
-        # 512x1000 head on one CPU thread, when XLA does not fold it).
-        ref_kernel = jax.ShapeDtypeStruct((kernel.shape[1], kernel.shape[0]), kernel.dtype)  # type: ignore[no-untyped-call]
-        template.append((ref_kernel,) if bias is None else (ref_kernel, bias))
-    return init_state(template, batch, memory_rows)
-
-
 def _pairs(head_inputs: Any, head_output_grads: Any) -> list[tuple[Any, Any]]:
     several = isinstance(head_inputs, (list, tuple))
     if several != isinstance(head_output_grads, (list, tuple)) or (
@@ -123,112 +70,79 @@ def _pairs(head_inputs: Any, head_output_grads: Any) -> list[tuple[Any, Any]]:
     return list(zip(head_inputs, head_output_grads, strict=True))
 
 
-def head_weights(
-    state: GradTailState,
-    head_inputs: Any,
-    head_output_grads: Any,
-    /,
-    *,
-    decay: Decay = DEFAULT_DECAY,
-    reference: Literal["mean", "direction"] = DEFAULT_REFERENCE,
-    warmup_steps: int = DEFAULT_WARMUP_STEPS,
-    kind: Curve = DEFAULT_CURVE.kind,
-    max_weight: float = DEFAULT_CURVE.max_weight,
-    threshold: float = DEFAULT_CURVE.threshold,
-    temperature: float = DEFAULT_CURVE.temperature,
-    quantile: float = DEFAULT_CURVE.quantile,
-    floor: float = DEFAULT_CURVE.floor,
-    normalize: bool = DEFAULT_CURVE.normalize,
-    axis_name: Hashable | None = None,
-    eps: float = 0.0,
-    method: Literal["auto", "ghost", "materialize"] = "auto",
-    index: Any = None,
-    memory_decay: float = 0.5,
-    memory_eta: float = 1.0,
-    memory_max_weight: float = 3.0,
-) -> tuple[jax.Array, jax.Array, GradTailState]:
-    """GradTail weights of a dense head from its inputs and per-example output gradients.
+def _template(head_params: Any) -> list[tuple[Any, ...]]:
+    """The core's template for dense layers given in JAX layout: ``(kernel.T[, bias])`` per layer."""
+    specs = head_params if isinstance(head_params, list) else [head_params]
+    if not specs:
+        raise ValueError("`head` must hold at least one dense layer; Received: an empty list.")
+    template = []
+    for k, spec in enumerate(specs):
+        kernel, bias = _layer(spec, k)
+        # The reference is kept in the core's (d_out, d_in) layout, the kernel's transpose: the
+        # factored products then need no transpose each step (measured: ~1 ms a step for a
+        # 512x1000 head on one CPU thread, when XLA does not fold it).
+        ref_kernel = jax.ShapeDtypeStruct((kernel.shape[1], kernel.shape[0]), kernel.dtype)  # type: ignore[no-untyped-call]
+        template.append((ref_kernel,) if bias is None else (ref_kernel, bias))
+    return template
 
-    The efficient path (recommended for large models): for ``z = a @ kernel + bias``, example
-    ``i``'s gradient of the head is ``(a_i^T d_i, d_i)`` with ``d_i = dL_i/dz_i``, and every
-    quantity GradTail needs has a factored form in ``a`` and ``d``
-    (`gradtail_ops.linear_score_and_update`): no per-example gradient is built. Same weights
-    as `gradtail` scoring the head's leaves. Use the weights as constants in the loss,
-    ``mean_i(w_i L_i)``, and differentiate the network once (see `loss_and_output_grads` and
-    docs/optax.md). jit-friendly; the options are static Python values.
 
-    Parameters
+class HeadOutput(NamedTuple):
+    """What `HeadTransform.update` returns.
+
+    Attributes
     ----------
-    state : GradTailState
-        From `head_init` (or the previous call).
-    head_inputs : array of shape (B, d_in) or (B, T, d_in), or a sequence of them
-        The head's inputs ``a`` (one per layer for several layers).
-    head_output_grads : array of shape (B, d_out) or (B, T, d_out), or a sequence of them
-        Each example's own loss gradient with respect to the head's output, e.g. from
-        `loss_and_output_grads` (``jax.vjp`` of the per-example losses to the logits).
-    decay, reference, warmup_steps, kind, max_weight, threshold, temperature, quantile, floor,
-    normalize, axis_name, eps
-        As in `gradtail` (the same defaults). ``axis_name`` averages only the batch reference
-        across devices (and, with the memory, gathers the batch's indices and alignments so
-        every device's memory stays the same); average the gradients as usual.
-    method : {"auto", "ghost", "materialize"}, optional
-        Norm computation for (B, T, d) inputs (`gradtail_ops.linear_sq_norms`). Defaults to
-        "auto".
-    index : array of shape (B,), integer, optional
-        Each example's row in the per-example memory, in ``[0, memory_size)``. Required when
-        the state was made by ``head_init(..., memory_size=N)``; an error otherwise.
-    memory_decay, memory_eta, memory_max_weight
-        The memory's options, as in `gradtail` (defaults 0.5, 1.0, 3.0); unused without it.
-
-    Returns
-    -------
     weights : jax.Array, shape (B,)
-        Loss weights (gradients stopped); ones on the first step and during warm-up. With the
-        memory, the memory's weights (see `gradtail`'s ``memory_size``).
+        Loss weights (gradients stopped); ones on the first step and during warm-up; with the
+        memory, the memory's weights.
     alignment : jax.Array, shape (B,)
         ``cos(g_i, G)`` of each example's head gradient with the reference of previous steps.
     state : GradTailState
-        The new state (reference updated with this batch; ``weights``/``alignment`` stored).
-
-    Examples
-    --------
-    >>> import jax, jax.numpy as jnp
-    >>> head = {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}
-    >>> state = head_init(head, batch_size=2)
-    >>> a = jnp.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
-    >>> d = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
-    >>> w, align, state = jax.jit(head_weights)(state, a, d)
-    >>> w.tolist(), int(state.ema.count)
-    ([1.0, 1.0], 1)
-
-    With the per-example memory of a training set of 100 examples:
-
-    >>> state = head_init(head, batch_size=2, memory_size=100)
-    >>> w, align, state = jax.jit(head_weights)(state, a, d, index=jnp.array([7, 42]))
-    >>> state.memory.score.shape
-    (100,)
+        The new state.
     """
+
+    weights: jax.Array
+    alignment: jax.Array
+    state: GradTailState
+
+
+class HeadTransform(NamedTuple):
+    """The efficient path as a pair of pure functions, its config bound at construction.
+
+    Attributes
+    ----------
+    init : callable
+        ``init(head_params) -> GradTailState``: dense layers in JAX layout, as
+        ``{"kernel": (d_in, d_out), "bias": (d_out,)}`` (Flax's ``Dense``), ``(kernel, bias)``,
+        ``(kernel,)`` or a bare kernel; a list of them scores the layers jointly (one cosine
+        over all their parameters). Arrays or ``jax.ShapeDtypeStruct`` (only shapes and dtypes
+        are used). The state keeps each kernel's reference in the core's ``(d_out, d_in)``
+        layout, the transpose.
+    update : callable
+        ``update(state, head_inputs, head_output_grads, /, *, index=None) -> HeadOutput``:
+        ``head_inputs`` of shape (B, d_in) or (B, T, d_in) (a list, one per layer, for several
+        layers), ``head_output_grads`` each example's loss gradient with respect to the layer
+        output, (B, d_out) or (B, T, d_out) (see `loss_and_output_grads`); ``index`` (B,) the
+        examples' rows when the memory is on. jit-friendly. An empty batch (B = 0) changes
+        nothing and gives arrays of shape (0,).
+    config : gradtail_ops.GradTailConfig
+        The policy (for `state_to_dict` / `state_from_dict`).
+    """
+
+    init: Callable[[Any], GradTailState]
+    update: Callable[..., HeadOutput]
+    config: GradTailConfig
+
+
+def _head_update(
+    config: GradTailConfig,
+    hooks: Collectives | None,
+    state: GradTailState,
+    head_inputs: Any,
+    head_output_grads: Any,
+    index: Any,
+) -> HeadOutput:
     if not isinstance(state, GradTailState):
-        raise TypeError(
-            f"`state` must be a GradTailState from head_init(); Received: {type(state).__name__}."
-        )
-    opts = _options(
-        decay=decay,
-        reference=reference,
-        warmup_steps=warmup_steps,
-        kind=kind,
-        max_weight=max_weight,
-        threshold=threshold,
-        temperature=temperature,
-        quantile=quantile,
-        floor=floor,
-        normalize=normalize,
-        eps=eps,
-        axis_name=axis_name,
-        memory_decay=memory_decay,
-        memory_eta=memory_eta,
-        memory_max_weight=memory_max_weight,
-    )
+        raise TypeError(f"`state` must be a GradTailState from init(); Received: {type(state).__name__}.")
     layers = _pairs(head_inputs, head_output_grads)
     means = state.ema.mean
     if len(layers) != len(means):
@@ -237,10 +151,9 @@ def head_weights(
             "pair(s) were given; Received: one per layer is needed."
         )
     batch = int(state.weights.shape[0])
-    rows = check_index(index, state.memory, batch, "head_weights()")
     for k, ((a, d), mean) in enumerate(zip(layers, means, strict=True)):
         d_out, d_in = tuple(mean[0].shape)  # the core's layout: the kernel's transpose
-        if a.ndim not in (2, 3) or a.shape[0] != batch or a.shape[-1] != d_in:
+        if a.ndim not in (2, 3) or a.shape[0] not in (batch, 0) or a.shape[-1] != d_in:
             raise ValueError(
                 f"`head_inputs` of layer {k} must have shape ({batch}, d_in={d_in}) or ({batch}, T, {d_in}) "
                 f"for a kernel of shape {(d_in, d_out)} and batch_size={batch}; Received: shape "
@@ -251,30 +164,179 @@ def head_weights(
                 f"`head_output_grads` of layer {k} must have shape {(*tuple(a.shape[:-1]), d_out)} (the "
                 f"inputs' leading axes, then d_out={d_out}); Received: shape {tuple(d.shape)}."
             )
-    reduce_mean: Callable[[Any], Any] | None = None
-    if opts.axis_name is not None:
-        axis = opts.axis_name
-
-        def reduce_mean(tree: Any) -> Any:
-            return jax.lax.pmean(tree, axis)  # type: ignore[no-untyped-call]
-
-    out = linear_score_and_update(
-        state.ema,
-        layers,
-        decay=resolve_decay(opts.decay, state.count),
-        reference=opts.reference,
-        curve=opts.curve,
-        warmup_steps=opts.warmup_steps,
-        eps=opts.eps,
-        reduce_mean=reduce_mean,
-        method=method,
+    rows = None if index is None else jnp.asarray(index)
+    out = linear_tail_step(
+        to_tail(state), layers, config=config, index=rows, collectives=hooks, copy_memory=False
     )
     weights = jax.lax.stop_gradient(out.weights)
-    alignment = jax.lax.stop_gradient(out.alignment)
-    memory = state.memory
-    if memory is not None and rows is not None:
-        weights, memory = memory_step(memory, rows, alignment, state.ema.count, opts)
-    return weights, alignment, next_state(state, out.state, weights, alignment, memory)
+    return HeadOutput(weights, jax.lax.stop_gradient(out.alignment), after_step(state, out))
+
+
+def head(
+    *,
+    batch_size: int,
+    axis_name: Hashable | None = None,
+    config: GradTailConfig | None = None,
+    **options: Unpack[GradTailOptions],
+) -> HeadTransform:
+    """The efficient path: GradTail weights of dense layers from their inputs and output gradients.
+
+    For ``z = a @ kernel + bias``, example ``i``'s gradient of the head is ``(a_i^T d_i, d_i)``
+    with ``d_i = dL_i/dz_i``, and every quantity GradTail needs has a factored form in ``a``
+    and ``d`` (`gradtail_ops.linear_tail_step`): no per-example gradient is built. Same
+    weights as `gradtail` scoring the head's leaves. Use the weights as constants in the loss,
+    ``mean_i(w_i L_i)``, and differentiate the network once (see `loss_and_output_grads` and
+    docs/optax.md). Recommended for large models.
+
+    Parameters
+    ----------
+    batch_size : int
+        Examples per step (per device under ``pmap``/``shard_map``).
+    axis_name : hashable, optional
+        Under ``pmap``/``shard_map``: averages the batch reference across devices (and, with
+        the memory, gathers the batch's indices and alignments so every device's memory stays
+        the same); average the gradients as usual.
+    config : gradtail_ops.GradTailConfig, optional
+        The policy, built once; or give its flat keyword ``**options`` instead (not both).
+    **options
+        The GradTail options (`gradtail_ops.GradTailOptions`, documented once in
+        `gradtail_ops.GradTailConfig`), as for `gradtail`; ``method`` chooses how sequence
+        norms are computed, ``memory_size`` turns on the per-example memory (every ``update``
+        then needs ``index=``). Validated here, once.
+
+    Returns
+    -------
+    HeadTransform
+        ``init(head_params) -> GradTailState``, ``update(state, head_inputs,
+        head_output_grads, *, index=None) -> HeadOutput(weights, alignment, state)``, and the
+        ``config``.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> ht = head(batch_size=2, decay=0.9)
+    >>> state = ht.init({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)})
+    >>> [m.shape for m in state.ema.mean[0]]  # reference in (d_out, d_in)
+    [(3, 4), (3,)]
+    >>> a = jnp.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    >>> d = jnp.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    >>> w, align, state = jax.jit(ht.update)(state, a, d)
+    >>> w.tolist(), int(state.ema.count)
+    ([1.0, 1.0], 1)
+
+    With the per-example memory of a training set of 100 examples:
+
+    >>> ht = head(batch_size=2, memory_size=100)
+    >>> state = ht.init({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)})
+    >>> w, align, state = jax.jit(ht.update)(state, a, d, index=jnp.array([7, 42]))
+    >>> state.memory.score.shape
+    (100,)
+    """
+    cfg = coerce_config(config, options)
+    batch = check_batch_size(batch_size)
+    hooks = collectives(axis_name)
+
+    def init_fn(head_params: Any) -> GradTailState:
+        return init_state(_template(head_params), batch, cfg)
+
+    def update_fn(
+        state: GradTailState, head_inputs: Any, head_output_grads: Any, /, *, index: Any = None
+    ) -> HeadOutput:
+        return _head_update(cfg, hooks, state, head_inputs, head_output_grads, index)
+
+    return HeadTransform(init_fn, update_fn, cfg)
+
+
+def _deprecated(name: str, instead: str) -> None:
+    warnings.warn(
+        f"gradtail_optax.{name} is deprecated since 0.2 and will be removed in 0.3: use {instead} "
+        "(gradtail_optax.head binds the options to the state's transformation once).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def head_init(layers: Any, /, *, batch_size: int, memory_size: int | None = None) -> GradTailState:
+    """A fresh `GradTailState` for `head_weights` (deprecated: use ``head(...).init``).
+
+    Parameters
+    ----------
+    layers : mapping, tuple, array, or list of those
+        Dense layers in JAX layout, as for `HeadTransform.init`.
+    batch_size : int
+        Examples per step.
+    memory_size : int, optional
+        The per-example memory's size; off (None) by default.
+
+    Returns
+    -------
+    GradTailState
+
+    Examples
+    --------
+    >>> import warnings, jax.numpy as jnp
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", DeprecationWarning)
+    ...     state = head_init({"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}, batch_size=8)
+    >>> [m.shape for m in state.ema.mean[0]], state.weights.shape
+    ([(3, 4), (3,)], (8,))
+    """
+    _deprecated("head_init", "gradtail_optax.head(batch_size=..., **options).init(head)")
+    return head(batch_size=batch_size, memory_size=memory_size).init(layers)
+
+
+def head_weights(
+    state: GradTailState,
+    head_inputs: Any,
+    head_output_grads: Any,
+    /,
+    *,
+    axis_name: Hashable | None = None,
+    index: Any = None,
+    config: GradTailConfig | None = None,
+    **options: Unpack[GradTailOptions],
+) -> HeadOutput:
+    """GradTail weights of a dense head (deprecated: use ``head(...).update``).
+
+    The 0.1 form, which takes the options on every call: the same results as
+    ``head(batch_size=B, **options).update(state, head_inputs, head_output_grads, index=index)``
+    with the memory's size taken from ``state``.
+
+    Parameters
+    ----------
+    state : GradTailState
+        From `head_init` (or the previous call).
+    head_inputs, head_output_grads, index
+        As for `HeadTransform.update`.
+    axis_name : hashable, optional
+        As for `head`.
+    config, **options
+        As for `head` (``memory_size`` comes from the state).
+
+    Returns
+    -------
+    HeadOutput
+        ``(weights, alignment, state)``.
+
+    Examples
+    --------
+    >>> import warnings, jax.numpy as jnp
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", DeprecationWarning)
+    ...     state = head_init({"kernel": jnp.zeros((4, 3))}, batch_size=2)
+    ...     w, align, state = head_weights(state, jnp.eye(2, 4), jnp.eye(2, 3), decay=0.9)
+    >>> w.tolist()
+    [1.0, 1.0]
+    """
+    _deprecated("head_weights", "gradtail_optax.head(batch_size=..., **options).update")
+    if not isinstance(state, GradTailState):
+        raise TypeError(
+            f"`state` must be a GradTailState from head_init(); Received: {type(state).__name__}."
+        )
+    if config is None and state.memory is not None:
+        options = {**options, "memory_size": int(state.memory.score.shape[0])}
+    cfg = coerce_config(config, options)
+    return _head_update(cfg, collectives(axis_name), state, head_inputs, head_output_grads, index)
 
 
 def loss_and_output_grads(
