@@ -119,14 +119,21 @@ def _sketch_shapes(weight: Array, factors: SketchFactors) -> tuple[Array, Array]
 def _sketch_plan(template: Any, config: GradTailConfig) -> tuple[SketchFactors | None, ...] | None:
     """Per layer, the test matrices where the config's sketch pays, for a layer template.
 
-    A template is a layer template when it is a list/tuple of tuples whose first array is a
-    2-D weight (the factored steps' layout); anything else is never sketched.
+    A layer template is a list/tuple of tuples whose first array is a 2-D weight (the
+    factored steps' layout); with a sketch configured, anything else is refused.
     """
     sketch = config.sketch
-    if sketch is None or not is_sequence(template):
+    if sketch is None:
         return None
-    if not all(is_sequence(layer) and layer and getattr(layer[0], "ndim", 0) == 2 for layer in template):
-        return None
+    layered = is_sequence(template) and all(
+        is_sequence(layer) and layer and getattr(layer[0], "ndim", 0) == 2 for layer in template
+    )
+    if not layered:
+        raise ValueError(
+            "`sketch_rank` sketches linear layers of the factored step: the template must be a list of "
+            "(weight (d_out, d_in),) or (weight, bias) tuples; Received: "
+            f"{structure_repr(template)}. Materialised per-example gradients use the exact reference."
+        )
     assert sketch.size is not None
     plan: list[SketchFactors | None] = []
     for layer in template:

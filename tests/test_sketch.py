@@ -126,3 +126,58 @@ def test_sketched_state_round_trips_through_the_interchange_format(xp):
 def test_sketch_options_are_validated(options, error, match):
     with pytest.raises(error, match=match):
         gt.GradTailConfig.from_options(**options)
+
+
+def _structured_batch(rng, u, v, batch=6):
+    a = rng.normal(size=(batch, u.shape[1])) @ v.T
+    d = rng.normal(size=(batch, u.shape[1])) @ u.T
+    d[:2] += 0.3 * u[:, 0]
+    return a, d
+
+
+def test_optax_head_path_with_a_sketch_equals_the_exact_head_on_low_rank_streams():
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    go = pytest.importorskip("gradtail_optax")
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=(400, RANK)), rng.normal(size=(300, RANK))
+    params = [{"kernel": jnp.zeros((300, 400), jnp.float32), "bias": jnp.zeros(400, jnp.float32)}]
+    sketched, exact = go.head(batch_size=6, decay=0.7, sketch_rank=8), go.head(batch_size=6, decay=0.7)
+    s_state, e_state = sketched.init(params), exact.init(params)
+    assert s_state.sketch[0] is not None
+    step_s, step_e = jax.jit(sketched.update), jax.jit(exact.update)
+    for _ in range(4):
+        a, d = (jnp.asarray(x, jnp.float32) for x in _structured_batch(rng, u, v))
+        out_s, out_e = step_s(s_state, [a], [d]), step_e(e_state, [a], [d])
+        s_state, e_state = out_s.state, out_e.state
+        np.testing.assert_allclose(np.asarray(out_s.alignment), np.asarray(out_e.alignment), atol=2e-4)
+    saved = go.state_to_dict(s_state, sketched.config)
+    loaded, _ = go.state_from_dict(saved, like=sketched.init(params), config=sketched.config)
+    np.testing.assert_array_equal(np.asarray(loaded.sketch[0].psi), np.asarray(s_state.sketch[0].psi))
+    with pytest.raises(ValueError, match="sketches linear layers of the factored step"):
+        go.gradtail(batch_size=6, sketch_rank=8).init({"w": jnp.zeros((300, 400))})
+
+
+def test_torch_gradtail_with_a_sketch_trains_and_round_trips():
+    torch = pytest.importorskip("torch")
+    from gradtail_torch import GradTail
+
+    rng = np.random.default_rng(1)
+    u, v = rng.normal(size=(400, RANK)), rng.normal(size=(300, RANK))
+    torch.manual_seed(0)
+    sketched_layer = torch.nn.Linear(300, 400).double()
+    exact_layer = torch.nn.Linear(300, 400).double()
+    exact_layer.load_state_dict(sketched_layer.state_dict())
+    sketched, exact = GradTail(sketched_layer, decay=0.7, sketch_rank=8), GradTail(exact_layer, decay=0.7)
+    for _ in range(4):
+        a, d = (torch.as_tensor(x) for x in _structured_batch(rng, u, v))
+        ws = sketched.backward((sketched_layer(a) * d).sum(1))
+        we = exact.backward((exact_layer(a) * d).sum(1))
+        np.testing.assert_allclose(sketched.last_alignment.numpy(), exact.last_alignment.numpy(), atol=1e-8)
+        assert torch.equal(ws, we)
+    np.testing.assert_allclose(
+        sketched_layer.weight.grad.numpy(), exact_layer.weight.grad.numpy(), rtol=1e-12
+    )
+    fresh = GradTail(torch.nn.Linear(300, 400).double(), decay=0.7, sketch_rank=8)
+    fresh.load_state_dict(sketched.state_dict())
+    assert torch.equal(fresh.state_dict()["sketch"][0][1], sketched.state_dict()["sketch"][0][1])

@@ -151,8 +151,10 @@ def _head_update(
             "pair(s) were given; Received: one per layer is needed."
         )
     batch = int(state.weights.shape[0])
-    for k, ((a, d), mean) in enumerate(zip(layers, means, strict=True)):
-        d_out, d_in = tuple(mean[0].shape)  # the core's layout: the kernel's transpose
+    sketched = state.sketch or (None,) * len(means)
+    for k, ((a, d), mean, f) in enumerate(zip(layers, means, sketched, strict=True)):
+        # The core's layout, the kernel's transpose; a sketched layer holds Y (d_out, k), W (l, d_in).
+        d_out, d_in = tuple(mean[0].shape) if f is None else (mean[0].shape[0], mean[1].shape[1])
         if a.ndim not in (2, 3) or a.shape[0] not in (batch, 0) or a.shape[-1] != d_in:
             raise ValueError(
                 f"`head_inputs` of layer {k} must have shape ({batch}, d_in={d_in}) or ({batch}, T, {d_in}) "

@@ -10,7 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import gradtail_ops
-from gradtail_ops import EMAState, GradTailConfig, MemoryState, TailOutput, TailState, coerce_config
+from gradtail_ops import (
+    EMAState,
+    GradTailConfig,
+    MemoryState,
+    SketchFactors,
+    TailOutput,
+    TailState,
+    coerce_config,
+)
+from gradtail_ops.sketch import sketch_factors
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -49,6 +58,10 @@ class GradTailState(NamedTuple):
         visits of its batch-standardised alignment; low is tail-like, 0 if never visited),
         and ``memory.visits`` (shape (N,), int32). None (no leaves) when the memory is off.
         Read it with ``optax.tree.get(opt_state, "memory")``.
+    sketch : tuple or None
+        With ``sketch_rank`` (the head path only), the fixed test matrices of each sketched
+        layer (`gradtail_ops.SketchFactors`, None for an exact layer); their ``ema.mean``
+        entries then hold the sketches. None without a sketch.
     """
 
     ema: EMAState
@@ -56,6 +69,7 @@ class GradTailState(NamedTuple):
     weights: jax.Array
     alignment: jax.Array
     memory: MemoryState | None = None
+    sketch: tuple[SketchFactors | None, ...] | None = None
 
 
 def _zeros_like(leaf: Any, dtype: Any) -> jax.Array:
@@ -83,23 +97,52 @@ def init_state(template: Any, batch_size: int, config: GradTailConfig) -> GradTa
     def zeros(s: Any) -> jax.Array:
         return jnp.zeros(s.shape, s.dtype)
 
-    ema = EMAState(
-        mean=jax.tree.map(lambda a, s: _zeros_like(a, s.dtype), template, shapes.ema.mean),
-        total=zeros(shapes.ema.total),
-        count=zeros(shapes.ema.count),
-    )
+    def zeros_like_template(a: Any, s: Any) -> jax.Array:
+        return _zeros_like(a, s.dtype)
+
+    if shapes.sketch is None:
+        sketch = None
+        mean = jax.tree.map(zeros_like_template, template, shapes.ema.mean)
+    else:  # a sketched layer's mean holds sketches, not the template's shapes
+        sketch = _test_matrices(template, shapes.sketch, config, dtype)
+        mean = [
+            tuple(map(zeros, means)) if f is not None else jax.tree.map(zeros_like_template, layer, means)
+            for layer, means, f in zip(template, shapes.ema.mean, shapes.sketch, strict=True)
+        ]
+    ema = EMAState(mean=mean, total=zeros(shapes.ema.total), count=zeros(shapes.ema.count))
     return GradTailState(
         ema=ema,
         count=zeros(shapes.steps),
         weights=jnp.ones((batch_size,), dtype),
         alignment=jnp.zeros((batch_size,), dtype),
         memory=None if shapes.memory is None else MemoryState(*map(zeros, shapes.memory)),
+        sketch=sketch,
     )
+
+
+def _test_matrices(
+    template: Any, plan: Any, config: GradTailConfig, dtype: Any
+) -> tuple[SketchFactors | None, ...]:
+    """The sketched layers' test matrices, concrete (made with NumPy) and uncommitted."""
+    sketch = config.sketch
+    assert sketch is not None
+    assert sketch.size is not None
+    out: list[SketchFactors | None] = []
+    for layer, f in zip(template, plan, strict=True):
+        if f is None:
+            out.append(None)
+            continue
+        d_out, d_in = (int(n) for n in layer[0].shape)
+        made = sketch_factors(
+            d_out, d_in, sketch.rank, sketch.size, seed=sketch.seed, like=np.zeros((), dtype)
+        )
+        out.append(SketchFactors(omega=jnp.asarray(made.omega), psi=jnp.asarray(made.psi)))
+    return tuple(out)
 
 
 def to_tail(state: GradTailState) -> TailState:
     """The core's view of the state (no copy)."""
-    return TailState(ema=state.ema, memory=state.memory, steps=state.count)
+    return TailState(ema=state.ema, memory=state.memory, steps=state.count, sketch=state.sketch)
 
 
 def after_step(state: GradTailState, out: TailOutput) -> GradTailState:
@@ -115,6 +158,7 @@ def after_step(state: GradTailState, out: TailOutput) -> GradTailState:
         weights=jax.lax.stop_gradient(out.weights).astype(state.weights.dtype),
         alignment=jax.lax.stop_gradient(out.alignment).astype(state.alignment.dtype),
         memory=out.state.memory,
+        sketch=state.sketch,
     )
 
 
@@ -234,6 +278,6 @@ def state_from_dict(
         state_dict, like=to_tail(current), config=coerce_config(config, options)
     )
     placed = jax.tree.map(_placed, tail, to_tail(current))
-    loaded = current._replace(ema=placed.ema, count=placed.steps, memory=placed.memory)
+    loaded = current._replace(ema=placed.ema, count=placed.steps, memory=placed.memory, sketch=placed.sketch)
     out = jax.tree.map(lambda s: loaded if _is_state(s) else s, like, is_leaf=_is_state)
     return out, config
