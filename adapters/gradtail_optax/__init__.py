@@ -9,6 +9,7 @@ Two ways in (see docs/optax.md):
   from its inputs and per-example output gradients, in factored form; the train step then
   differentiates the weighted loss once. Recommended whenever the scored parameters are dense
   layers.
+- `score_batches`: every example's alignment over a data set, for tail mining.
 
 >>> from gradtail_optax import gradtail, head_weights
 """
@@ -20,6 +21,14 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(f"gradtail_optax needs JAX and optax: pip install 'gradtail[optax]' ({exc})") from exc
 
 from ._head import head_init, head_weights, loss_and_output_grads
+from ._mining import score_batches
 from ._transform import GradTailState, gradtail
 
-__all__ = ["GradTailState", "gradtail", "head_init", "head_weights", "loss_and_output_grads"]
+__all__ = [
+    "GradTailState",
+    "gradtail",
+    "head_init",
+    "head_weights",
+    "loss_and_output_grads",
+    "score_batches",
+]
