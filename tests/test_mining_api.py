@@ -184,6 +184,7 @@ def test_score_batches_matches_reference_and_torch():
     pytest.importorskip("optax")
     from gradtail_optax import score_batches
 
+    was_x64 = bool(jax.config.jax_enable_x64)
     jax.config.update("jax_enable_x64", True)
     try:
         model = mlp(4)
@@ -216,7 +217,7 @@ def test_score_batches_matches_reference_and_torch():
         with pytest.raises(TypeError, match="one-shot iterator"):
             score_batches(lambda p, b: grad_fn(p, *b), params, iter(batches))
     finally:
-        jax.config.update("jax_enable_x64", False)
+        jax.config.update("jax_enable_x64", was_x64)
 
 
 def test_score_batches_against_a_gradtail_state():
