@@ -67,7 +67,7 @@ def test_score_dataset_matches_float64_reference(reference):
     model = mlp()
     x, y = torch.randn(37, 5, dtype=torch.float64), torch.randint(0, 4, (37,))
     loader = DataLoader(TensorDataset(x, y), batch_size=10)  # an uneven last batch
-    got, loss = score_dataset(model, loader, ce, reference=reference, return_loss=True)
+    got, loss = score_dataset(model, loader, ce, reference=reference, return_loss=True, progress=True)
     layers = [m for m in model if isinstance(m, torch.nn.Linear)]
     g = materialised_grads(model, layers, x, y, ce)
     ref = direction_reference(g) if reference == "direction" else g.mean(axis=0)
@@ -307,3 +307,52 @@ def test_data_map_against_numpy_and_figures(tmp_path):
         titles=[f"c{k}" for k in range(30)], image_shape=(4, 4), columns=4,
     )  # fmt: skip
     assert grid.read_bytes().startswith(b"\x89PNG")
+
+
+def test_score_head_batches_equals_materialised_head_scores():
+    """The factored head path against score_batches on the head's materialised gradients, and
+    against a head_weights state's reference in NumPy."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    jnp = jax.numpy
+    from gradtail_optax import (
+        head_init,
+        head_weights,
+        loss_and_output_grads,
+        score_batches,
+        score_head_batches,
+    )
+
+    ce_jax = optax.softmax_cross_entropy_with_integer_labels
+    key1, key2, key3 = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "body": jax.random.normal(key1, (5, 6)) * 0.5,
+        "head": {"kernel": jax.random.normal(key2, (6, 3)) * 0.5, "bias": jnp.full(3, 0.1)},
+    }
+    x = jax.random.normal(key3, (20, 5))
+    y = jnp.arange(20) % 3
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
+
+    def head_fn(p, batch):
+        h = jnp.tanh(batch[0] @ p["body"])
+        return h, loss_and_output_grads(ce_jax, h @ p["head"]["kernel"] + p["head"]["bias"], batch[1])[1]
+
+    def head_grads(p, batch):
+        def loss(hp, xi, yi):
+            return ce_jax(jnp.tanh(xi @ p["body"]) @ hp["kernel"] + hp["bias"], yi)
+
+        return jax.vmap(jax.grad(loss), (None, 0, 0))(p["head"], *batch)
+
+    got = score_head_batches(head_fn, params, batches)
+    np.testing.assert_allclose(got, score_batches(head_grads, params, batches), atol=2e-5)
+    state = head_init(params["head"], batch_size=8)
+    for batch in batches[:2]:
+        _, _, state = head_weights(state, *head_fn(params, batch), decay=0.5)
+    got = score_head_batches(head_fn, params, batches, state=state)
+    g = head_grads(params, (x, y))
+    flat = np.concatenate(
+        [np.asarray(g["bias"], np.float64), np.asarray(g["kernel"], np.float64).reshape(20, -1)], 1
+    )
+    kernel_ref, bias_ref = (np.asarray(t, np.float64) for t in state.ema.mean[0])
+    ref = np.concatenate([bias_ref, kernel_ref.T.reshape(-1)])  # the state keeps (d_out, d_in)
+    np.testing.assert_allclose(got, numpy_cosines(flat, ref), atol=2e-5)

@@ -9,7 +9,8 @@ Two ways in (see docs/optax.md):
   from its inputs and per-example output gradients, in factored form; the train step then
   differentiates the weighted loss once. Recommended whenever the scored parameters are dense
   layers.
-- `score_batches`: every example's alignment over a data set, for tail mining.
+- `score_batches` / `score_head_batches`: every example's alignment over a data set, for tail
+  mining (from per-example gradients, or from a dense head's factors).
 
 >>> from gradtail_optax import gradtail, head_weights
 """
@@ -21,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(f"gradtail_optax needs JAX and optax: pip install 'gradtail[optax]' ({exc})") from exc
 
 from ._head import head_init, head_weights, loss_and_output_grads
-from ._mining import score_batches
+from ._mining import score_batches, score_head_batches
 from ._transform import GradTailState, gradtail
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "head_weights",
     "loss_and_output_grads",
     "score_batches",
+    "score_head_batches",
 ]
