@@ -109,6 +109,11 @@ def test_one_epoch_weights_the_per_example_losses(tmp_path, factory, kind, head)
     )  # the two steps above, then 24 examples, 4 a step
     logged = [entry for entry in trainer.state.log_history if "gradtail_alignment_mean" in entry]
     assert logged
+    # Evaluation: the unweighted mean of the per-example losses, and no GradTail step.
+    metrics = trainer.evaluate(eval_dataset=data[:8])
+    expected = independent_losses(model, data[:8], kind == "lm").mean()
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert int(trainer.gradtail.state_dict()["count"]) == 8
     if kind == "lm" and factory is llama:
         assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings stayed tied
 

@@ -142,6 +142,8 @@ def test_score_dataset_errors_name_the_argument():
         score_dataset(model, [(x, y)], lambda o, t: F.cross_entropy(o, t))
     with pytest.raises(TypeError, match="one-shot iterator"):
         score_dataset(model, iter([(x, y)]), ce)
+    with pytest.raises(ValueError, match="shuffles"):
+        score_dataset(model, DataLoader(TensorDataset(x, y), shuffle=True), ce)
     with pytest.raises(ValueError, match="empty loader"):
         score_dataset(model, [], ce)
     with pytest.raises(ValueError, match="no reference yet"):

@@ -355,6 +355,12 @@ def score_dataset(
     """
     if reference not in ("direction", "mean"):
         raise ValueError(f"`reference` must be 'direction' or 'mean'; Received: {reference!r}.")
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        raise ValueError(
+            "`loader` shuffles, so its order changes between passes and the scores could not be matched "
+            "to examples: use DataLoader(..., shuffle=False); Received: a DataLoader with a RandomSampler."
+        )
     if iter(loader) is loader and state is None:
         raise TypeError(
             "`loader` is a one-shot iterator but building the reference reads the data twice: pass a "
