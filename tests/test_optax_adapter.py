@@ -575,6 +575,8 @@ def test_public_api():
         "head_init",
         "head_weights",
         "loss_and_output_grads",
+        "score_batches",
+        "score_head_batches",
     }
     assert isinstance(gradtail(batch_size=2), optax.GradientTransformationExtraArgs)
     assert GradTailState._fields == ("ema", "count", "weights", "alignment", "memory")

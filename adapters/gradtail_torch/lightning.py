@@ -34,7 +34,7 @@ Modules = str | Callable[[nn.Module], "nn.Module | Iterable[nn.Module]"] | None
 class GradTailCallback(pl.Callback):
     """Owns a `GradTail` for the trained LightningModule; saves and restores it with checkpoints.
 
-    The GradTail is built at ``setup`` on the module's layers (all its ``nn.Linear`` by
+    The GradTail is built at ``on_fit_start`` on the module's layers (all its ``nn.Linear`` by
     default), so it follows the module across devices and strategies (DDP: the batch
     reference is averaged over ranks, every rank holds the same state). Its `state_dict`
     travels in Lightning checkpoints (``checkpoint["callbacks"]``) and is restored on
@@ -87,10 +87,12 @@ class GradTailCallback(pl.Callback):
             return found
         return self.modules(pl_module)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Build the GradTail on the module's layers (once per module), carrying any state."""
-        if stage != "fit":
-            return
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the GradTail on the module's layers (once per module), carrying any state.
+
+        ``on_fit_start`` runs after the strategy has moved the module to its device (and
+        wrapped it for DDP), so the GradTail's state is made on the layers' device.
+        """
         others = [c for c in trainer.callbacks if isinstance(c, GradTailCallback) and c is not self]  # type: ignore[attr-defined]
         if others:
             raise ValueError("A Trainer takes one GradTailCallback; Received: more than one.")
@@ -113,7 +115,7 @@ class GradTailCallback(pl.Callback):
         return self.gradtail.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a saved state now, or at ``setup`` when the GradTail does not exist yet."""
+        """Restore a saved state now, or at ``on_fit_start`` when the GradTail does not exist yet."""
         if not state_dict:
             return
         if self.gradtail is None:
