@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned (2.13.0, a CPU build on local disk) through the `torch` extra.
-EXTRAS := torch,jax,optax,keras,test,lint,bench,docs
+EXTRAS := torch,jax,optax,keras,lightning,transformers,flax,test,lint,bench,docs
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_WORKERS ?= 2
 

@@ -7,6 +7,7 @@ device exists. ``jax-jit`` is JAX with every call under ``jax.jit``.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -22,6 +23,9 @@ from array_api_compat import device as array_device
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax", "jax-jit", "cupy"]
+
+# --doctest-modules imports every module here; this helper needs Lightning (the [lightning] extra).
+collect_ignore = [] if importlib.util.find_spec("lightning") else ["_lightning_models.py"]
 
 
 def _import_backend(name: str) -> ModuleType:

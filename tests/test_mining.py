@@ -36,7 +36,8 @@ def test_rank_examples_against_a_sort():
 
 def test_cli_writes_csv_png_and_summary(tmp_path):
     out = tmp_path / "mined"
-    code = mine.main(["--quick", "--epochs", "3", "--top", "6", "--no-progress", "--out-dir", str(out)])
+    args = ["--quick", "--epochs", "3", "--top", "6", "--no-progress", "--data-map", "--out-dir", str(out)]
+    code = mine.main(args)
     assert code == 0
     rows = list(csv.DictReader((out / "digits_lt10_mined.csv").open()))
     assert [r["group"] for r in rows] == ["tail"] * 6 + ["head"] * 6
@@ -51,6 +52,11 @@ def test_cli_writes_csv_png_and_summary(tmp_path):
     assert png.startswith(b"\x89PNG")
     summary = (out / "digits_lt10_mined.json").read_text()
     assert '"few_share_tail"' in summary
+    ranking = list(csv.DictReader((out / "digits_lt10_ranking.csv").open()))
+    visited = [r for r in ranking if int(r["visits"]) > 0]
+    assert [r["index"] for r in visited[:6]] == [r["index"] for r in rows[:6]]  # the same tail end
+    assert [float(r["score"]) for r in visited] == sorted(float(r["score"]) for r in visited)
+    assert (out / "digits_lt10_data_map.png").read_bytes().startswith(b"\x89PNG")
 
 
 def _python_blocks(text: str) -> list[str]:

@@ -590,6 +590,8 @@ def test_public_api():
         "head_init",
         "head_weights",
         "loss_and_output_grads",
+        "score_batches",
+        "score_head_batches",
         "state_from_dict",
         "state_to_dict",
     }

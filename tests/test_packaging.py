@@ -87,6 +87,7 @@ def test_wheel_and_sdist_contents(dists: dict[str, Path]) -> None:
     assert metadata["License-Expression"] == "Apache-2.0"
     extras = set(metadata.get_all("Provides-Extra"))
     assert {"torch", "jax", "optax", "keras", "cupy", "all", "test", "docs", "lint"} <= extras
+    assert {"lightning", "transformers", "flax"} <= extras
     requires = metadata.get_all("Requires-Dist")
     assert any(r.replace(" ", "").startswith("torch==2.13.0;") for r in requires), requires
     assert not [r for r in requires if "extra" not in r and r.split()[0].lower().startswith(FRAMEWORKS)]
@@ -139,7 +140,72 @@ def test_wheel_installs_into_a_clean_venv(dists: dict[str, Path]) -> None:
         assert message is not None, f"{module} imported without its framework"
         assert f"pip install 'gradtail[{extra}]'" in message, message
 
+    # Then with the [torch] extra only: torch and its requirements, linked from this environment
+    # (a fresh torch install would take a minute), and nothing else.
+    linked = dists["base"] / "torch-extra"
+    for top in distribution_closure("torch"):
+        (linked / top.name).parent.mkdir(parents=True, exist_ok=True)
+        (linked / top.name).symlink_to(top)
+    (site_packages(python) / "torch_extra.pth").write_text(f"{linked}\n")
+    out = run(python, "-c", CHECK_TORCH_EXTRA, cwd=dists["base"]).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["scores"] == [6], result
+    assert result["loaded"] == [], "import gradtail_torch must not import lightning or transformers"
+    assert "pip install 'gradtail[lightning]'" in result["lightning"]
+    assert "pip install 'gradtail[transformers]'" in result["hf"]
 
+
+CHECK_TORCH_EXTRA = r"""
+import json, sys
+import torch
+from gradtail_torch import score_dataset
+
+model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+data = [(torch.randn(4, 3), torch.randint(0, 2, (4,))), (torch.randn(2, 3), torch.randint(0, 2, (2,)))]
+scores = score_dataset(model, data, lambda o, y: torch.nn.functional.cross_entropy(o, y, reduction="none"))
+result = {"scores": list(scores.shape), "loaded": sorted({"lightning", "transformers"} & set(sys.modules))}
+for name in ("lightning", "hf"):
+    try:
+        __import__(f"gradtail_torch.{name}")
+    except ImportError as exc:
+        result[name] = str(exc)
+    else:
+        result[name] = ""
+print(json.dumps(result))
+"""
+
+
+def site_packages(python: Path) -> Path:
+    out = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout
+    return Path(out.strip())
+
+
+def distribution_closure(name: str) -> list[Path]:
+    """Top-level files and folders of a distribution and of everything it requires (no extras),
+    as installed in this environment."""
+    from importlib import metadata
+
+    seen: set[str] = set()
+    tops: dict[str, Path] = {}
+    todo = [name]
+    while todo:
+        dist_name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if dist_name in seen:
+            continue
+        seen.add(dist_name)
+        dist = metadata.distribution(dist_name)
+        for f in dist.files or []:
+            if f.parts and f.parts[0] not in ("..", "__pycache__") and not f.parts[0].endswith(".pth"):
+                tops[f.parts[0]] = Path(str(dist.locate_file(f.parts[0])))
+        for req in dist.requires or []:
+            if "extra ==" in req or "extra==" in req:
+                continue
+            todo.append(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
+    return sorted(set(tops.values()))
+
+
+# The lightning, transformers and flax extras resolve as part of [all] (each on its own costs
+# 10-15 s of resolution).
 @pytest.mark.parametrize("extra", ["torch", "jax", "optax", "keras", "cupy", "all"])
 def test_extras_resolve(dists: dict[str, Path], extra: str, tmp_path: Path) -> None:
     """pip resolves each extra (metadata only: `--dry-run`, nothing is downloaded or installed)."""
@@ -159,7 +225,8 @@ def test_extras_resolve(dists: dict[str, Path], extra: str, tmp_path: Path) -> N
         "optax": {"jax", "optax"},
         "keras": {"keras"},
         "cupy": {"cupy-cuda12x"},
-        "all": {"torch", "jax", "optax", "keras", "pytest", "mkdocs", "ruff", "mypy"},
+        "all": {"torch", "jax", "optax", "keras", "pytest", "mkdocs", "ruff", "mypy"}
+        | {"lightning", "transformers", "accelerate", "flax"},
     }[extra]
     assert expected <= set(resolved), sorted(resolved)
     if "torch" in resolved:

@@ -11,6 +11,8 @@ ways in (see docs/optax.md):
   layers from their inputs and per-example output gradients, in factored form; the train step
   then differentiates the weighted loss once. Recommended whenever the scored parameters are
   dense layers.
+- `score_batches` / `score_head_batches`: every example's alignment over a data set, for tail
+  mining (from per-example gradients, or from a dense head's factors).
 
 `state_to_dict` / `state_from_dict` save and load the state in the library's interchange
 format, shared with the other adapters.
@@ -25,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(f"gradtail_optax needs JAX and optax: pip install 'gradtail[optax]' ({exc})") from exc
 
 from ._head import HeadOutput, HeadTransform, head, head_init, head_weights, loss_and_output_grads
+from ._mining import score_batches, score_head_batches
 from ._state import GradTailState, state_from_dict, state_to_dict
 from ._transform import gradtail
 
@@ -37,6 +40,8 @@ __all__ = [
     "head_init",
     "head_weights",
     "loss_and_output_grads",
+    "score_batches",
+    "score_head_batches",
     "state_from_dict",
     "state_to_dict",
 ]

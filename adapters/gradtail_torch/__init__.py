@@ -9,5 +9,6 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     raise ImportError(f"gradtail_torch needs PyTorch: pip install 'gradtail[torch]' ({exc})") from exc
 
 from .hook import GradTail
+from .mining import score_dataset
 
-__all__ = ["GradTail"]
+__all__ = ["GradTail", "score_dataset"]

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gradtail_torch import GradTail
+from gradtail_ops.mining import export_ranking, memory_arrays, plot_data_map, rank, save_image_grid
+from gradtail_torch import GradTail, score_dataset
 
 from .data import LongTailData
 from .datasets import DATASETS, load_dataset
@@ -77,6 +78,8 @@ class Mined:
     image_shape: tuple[int, int] | None
     images: np.ndarray
     config: dict[str, Any] = field(default_factory=dict)
+    #: With ``data_map=True``: (epochs, N) alignments from ``score_dataset`` after each epoch.
+    history: np.ndarray | None = None
 
     def summary(self) -> dict[str, Any]:
         """Composition of both ends against the training set (shares in [0, 1])."""
@@ -130,12 +133,10 @@ def rank_examples(score: np.ndarray, visits: np.ndarray, top: int) -> tuple[np.n
     tail, head : int arrays of shape (k,)
         Indices, lowest running score first and highest first; ties broken by index.
     """
-    score, visits = np.asarray(score, dtype=np.float64), np.asarray(visits)
-    seen = np.flatnonzero(visits > 0)
-    order = seen[np.lexsort((seen, score[seen]))]  # ascending score, then index
-    k = min(top, len(order) // 2)
-    head = seen[np.lexsort((seen, -score[seen]))][:k]
-    return order[:k], head
+    running, visits = memory_arrays((score, visits))  # unvisited examples: NaN, ranked last
+    seen = int(np.sum(visits > 0))
+    k = min(top, seen // 2)
+    return rank(running)[:k], rank(-running)[:k]
 
 
 def mine(
@@ -151,11 +152,15 @@ def mine(
     warmup_epochs: float = 1.0,
     memory_decay: float = 0.5,
     progress: bool = False,
+    data_map: bool = False,
 ) -> Mined:
     """Train the suite's MLP with GradTail + memory on ``data`` and rank its training examples.
 
     The loop is the suite's (Adam, shuffled batches, mean weighted cross-entropy), with
     ``gt.backward(loss, index=idx)``: the indices are the examples' rows of ``data.x_train``.
+    With ``data_map``, every training example is also scored after each epoch by
+    ``gradtail_torch.score_dataset`` (its alignment with the data's direction reference), for
+    the data map of ``Mined.history``.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -171,6 +176,8 @@ def mine(
     )
     x_all, y_all = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     bar = tqdm(total=epochs * steps_per_epoch, unit="step", disable=not progress, file=sys.stderr)
+    history = []
+    in_order = [(x_all[i : i + 1024], y_all[i : i + 1024]) for i in range(0, n, 1024)]
     for _ in range(epochs):
         order = torch.from_numpy(rng.permutation(n))
         for step in range(steps_per_epoch):
@@ -180,6 +187,8 @@ def mine(
             gt.backward(loss, index=idx)
             opt.step()
             bar.update(1)
+        if data_map:
+            history.append(score_dataset(model, in_order, _per_example_ce, modules=gt.layers))
     bar.close()
     score_t, visits_t = gt.memory_scores()
     gt.remove()
@@ -202,6 +211,7 @@ def mine(
         class_names=tuple(data.class_names),
         image_shape=data.image_shape,
         images=data.x_train,
+        history=np.stack(history) if history else None,
         config={
             "epochs": epochs,
             "seed": seed,
@@ -212,6 +222,22 @@ def mine(
             "memory_decay": memory_decay,
             "gradtail": "library defaults, every nn.Linear scored jointly",
         },
+    )
+
+
+def _per_example_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def write_ranking(mined: Mined, path: Path) -> Path:
+    """Every visited example, most tail-like first (``gradtail_ops.mining.export_ranking``)."""
+    running, visits = memory_arrays((mined.score, mined.visits))
+    names = np.asarray(mined.class_names, dtype=object)[mined.labels]
+    return export_ranking(
+        path,
+        running,
+        label=mined.labels,
+        extra={"class_name": names, "group": mined.groups, "visits": visits},
     )
 
 
@@ -242,35 +268,12 @@ def save_grid(mined: Mined, path: Path, *, columns: int = 16) -> Path:
     """A PNG of both ends: the most tail-like examples above, the most head-like below."""
     if mined.image_shape is None:
         raise ValueError(f"{mined.dataset} holds no images (image_shape is None); write the CSV only.")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(mined.tail)
-    rows_per_group = max(1, int(np.ceil(k / columns)))
-    cols = min(columns, max(k, 1))
-    # One title row above each group: title, images, title, images.
-    ratios = ([0.28] + [1.0] * rows_per_group) * 2
-    fig = plt.figure(figsize=(0.9 * cols, 1.05 * sum(ratios) + 0.1))
-    grid = fig.add_gridspec(len(ratios), cols, height_ratios=ratios, wspace=0.08, hspace=0.35)
     groups = (("most tail-like (lowest running score first)", mined.tail),
               ("most head-like (highest running score first)", mined.head))  # fmt: skip
-    for g, (title, idx) in enumerate(groups):
-        top = g * (rows_per_group + 1)
-        label = fig.add_subplot(grid[top, :])
-        label.axis("off")
-        label.text(0.0, 0.1, title, fontsize=9, fontweight="bold", transform=label.transAxes)
-        for j, i in enumerate(idx):
-            ax = fig.add_subplot(grid[top + 1 + j // cols, j % cols])
-            ax.axis("off")
-            ax.imshow(mined.images[i].reshape(mined.image_shape), cmap="gray_r", interpolation="nearest")
-            ax.set_title(mined.class_names[int(mined.labels[i])][:9], fontsize=6, pad=1)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.99, bottom=0.01)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    titles = [mined.class_names[int(c)] for c in mined.labels]
+    return save_image_grid(
+        path, mined.images, groups, titles=titles, image_shape=mined.image_shape, columns=columns
+    )
 
 
 # ------------------------------------------------------------------------- docs section
@@ -452,6 +455,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help=f"default {DEFAULT_OUT_DIR}")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument(
+        "--data-map",
+        action="store_true",
+        help="also score every example after each epoch (gradtail_torch.score_dataset) and draw the data "
+        "map: mean vs variability of the alignment over epochs",
+    )
+    p.add_argument(
         "--evidence",
         action="store_true",
         help=f"also write the summary JSON to {EVIDENCE_DIR.relative_to(REPO)}/ and the grid to "
@@ -485,9 +494,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         top=args.top,
         memory_decay=args.memory_decay,
         progress=not args.no_progress,
+        data_map=args.data_map,
     )
     out = args.out_dir
     written = [write_csv(mined, out / f"{args.dataset}_mined.csv")]
+    written.append(write_ranking(mined, out / f"{args.dataset}_ranking.csv"))
+    if mined.history is not None:
+        written.append(out / f"{args.dataset}_data_map.png")
+        plot_data_map(mined.history, path=written[-1], labels=mined.labels, title=f"{args.dataset} data map")
     written.append(out / f"{args.dataset}_scores.npz")  # the whole ranking, for further analysis
     np.savez_compressed(written[-1], score=mined.score, visits=mined.visits, label=mined.labels)
     if mined.image_shape is not None:
