@@ -374,7 +374,13 @@ def score_dataset(
             f"{type(loader).__name__}."
         )
     if modules is None and isinstance(state, GradTail):
-        layers: list[nn.Linear] = list(state.layers)
+        others = [type(m).__name__ for m in state.layers if not isinstance(m, nn.Linear)]
+        if others:
+            raise ValueError(
+                "score_dataset scores nn.Linear layers; the GradTail also tracks "
+                f"{sorted(set(others))}: pass modules= naming nn.Linear layers; Received: {others}."
+            )
+        layers: list[nn.Linear] = [m for m in state.layers if isinstance(m, nn.Linear)]
     else:
         layers = _linears(model, modules)
     device = layers[0].weight.device
