@@ -24,9 +24,7 @@ __all__ = ["GradTailState", "numpy_template"]
 _UPWEIGHT_MARGIN = 1e-6
 
 
-def numpy_template(
-    units: int, input_dim: int, use_bias: bool, *, config: GradTailConfig
-) -> TailState:
+def numpy_template(units: int, input_dim: int, use_bias: bool, *, config: GradTailConfig) -> TailState:
     """An empty float32 NumPy `TailState` for a Dense layer: the ``like`` of `state_from_dict`.
 
     Examples

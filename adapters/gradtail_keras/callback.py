@@ -111,7 +111,8 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         ``memory_decay``, ``memory_eta``, ``memory_max_weight``. Defaults to those of
         ``GradTailConfig()`` (``gradtail_ops.defaults``); each is validated there, at
         construction. With ``memory_size`` every batch needs its examples' indices: pass
-        ``sample_weight=GradTailCallback.indexed(index)`` to ``fit`` (docs/keras.md).
+        ``sample_weight=GradTailCallback.indexed(np.arange(len(x)))`` to ``fit``
+        (docs/keras.md); ``sample_weight`` then carries the index only.
 
     Attributes
     ----------
@@ -139,7 +140,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
     curve = _config_attribute("curve")
     eps = _config_attribute("eps")
     method = _config_attribute("method")
-    #: See `gradtail_keras._index.indexed`: ``sample_weight`` carrying the memory's index.
+    #: ``sample_weight`` for ``fit`` carrying the memory's index (`gradtail_keras._index.indexed`).
     indexed = staticmethod(indexed)
 
     def __init__(
@@ -165,6 +166,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._step_cache: dict[str, Any] | None = None
         self._step_key: tuple[Any, ...] = ()
         self._step_config: GradTailConfig | None = None
+        self._batch_score: tuple[tuple[Any, ...], Callable[..., TailOutput]] | None = None
         self._ran = False
 
     # ------------------------------------------------------------------------ config
@@ -266,18 +268,19 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         >>> cb.set_state({"mean": [[np.zeros((2, 3)), np.zeros(2)]], "total": 0.5, "count": 1})
         >>> int(cb.get_state()["count"])
         1
-        >>> cb.set_state({"mean": [[np.zeros((2, 3)), np.zeros(2)]], "total": 0.5, "count": -1})
+        >>> cb.set_state({"mean": [[np.zeros((2, 3)), np.zeros(2)]], "total": -1.0, "count": 1})
         Traceback (most recent call last):
         ...
-        ValueError: `count` must be >= 0 and `steps` >= `count` (steps include skipped updates); Received: count=-1, steps=-1.
+        ValueError: `total` must be a finite number in [0.0, 1.0]; Received: total=-1.0.
         """
         tracker = self.state
-        like = tracker.tail_state(numpy=True) if tracker is not None else _template_of(state, self.config)
-        loaded, self.config = state_from_dict(state, like=like, config=self.config)
         if tracker is None:
-            self._pending = loaded
+            self._pending, self.config = state_from_dict(
+                state, like=_template_of(state, self.config), config=self.config
+            )
             return
-        self._sync()
+        self._sync()  # before reading the variables: mid-fit on JAX the train loop holds them
+        loaded, self.config = state_from_dict(state, like=tracker.tail_state(numpy=True), config=self.config)
         tracker.assign_tail_state(loaded)
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
@@ -301,7 +304,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         4
         """
         state = self.get_state()
-        arrays = {f"mean_{k}": np.asarray(t) for k, t in enumerate(state.pop("mean")[0])}
+        arrays: dict[str, Any] = {f"mean_{k}": np.asarray(t) for k, t in enumerate(state.pop("mean")[0])}
         arrays.update({k: np.asarray(v) for k, v in state.items() if v is not None})
         np.savez(path, **arrays)
 
@@ -470,8 +473,10 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # The train step marks its forwards, the only ones scored (the torch trainer looks
         # model.train_step up at every step), and both steps take the memory's index out of the
         # batch. Fresh callables per attach also keep jax.jit from reusing an earlier trace.
-        object.__setattr__(model, "train_step", _indexed_step(model.train_step, capture, record=True))
-        object.__setattr__(model, "test_step", _indexed_step(model.test_step, capture, record=False))
+        memory = self.config.memory is not None
+        for name, record in (("train_step", True), ("test_step", False)):
+            step = _indexed_step(getattr(model, name), capture, record=record, memory=memory)
+            object.__setattr__(model, name, step)
         if model.train_function is None:
             model.make_train_function(force=True)
         self._step_key = key
@@ -503,7 +508,9 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                     f"{expected}; Received: mean shapes {received}."
                 )
         memory = self.config.memory
-        self.state = GradTailState(units, input_dim, use_bias, memory_size=None if memory is None else memory.size)
+        self.state = GradTailState(
+            units, input_dim, use_bias, memory_size=None if memory is None else memory.size
+        )
         if pending is not None:
             self.state.assign_tail_state(pending)
             self._pending = None
@@ -627,7 +634,9 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if index is not None:
             index = ops.convert_to_tensor(index)
         out = linear_tail_step(state, [(a, d)], config=self.config, index=index)
-        return out._replace(weights=ops.stop_gradient(out.weights), alignment=ops.stop_gradient(out.alignment))
+        return out._replace(
+            weights=ops.stop_gradient(out.weights), alignment=ops.stop_gradient(out.alignment)
+        )
 
     def batch_weights(self, x: Any, y: Any, *, index: Any = None, update: bool = True) -> np.ndarray:
         """The weights a training step would give the batch ``(x, y)``, outside ``fit``.
@@ -689,15 +698,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                     f"The tracked layer must run once per forward; Received: {calls} calls for this `x`."
                 )
             _check_index_given(self.config, index)
-            loss = _resolve_loss(model)
-
-            def score(z: Any, inputs: Any, y: Any, state: TailState, mask: Any, index: Any) -> TailOutput:
-                return self._score(loss, dense.activation, z, inputs, y, state, mask=mask, index=index)
-
-            if keras.backend.backend() == "jax":
-                import jax
-
-                score = jax.jit(score)
+            score = self._batch_scorer(_resolve_loss(model), dense)
             rows = None if index is None else ops.convert_to_tensor(np.asarray(index))
             out = score(z, inputs, ops.convert_to_tensor(y), tracker.tail_state(), mask, rows)
             if update:
@@ -707,20 +708,45 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             if attached_here:
                 self._detach()
 
+    def _batch_scorer(self, loss: keras.losses.Loss, dense: keras.layers.Dense) -> Callable[..., TailOutput]:
+        """`_score` for `batch_weights`, jitted on JAX, and kept while loss, layer and config are."""
+        cached = self._batch_score
+        if (
+            cached is not None
+            and cached[0][0] is loss
+            and cached[0][1] is dense
+            and cached[0][2] == self.config
+        ):
+            return cached[1]
+
+        def score(z: Any, inputs: Any, y: Any, state: TailState, mask: Any, index: Any) -> TailOutput:
+            return self._score(loss, dense.activation, z, inputs, y, state, mask=mask, index=index)
+
+        if keras.backend.backend() == "jax":
+            import jax
+
+            score = jax.jit(score)
+        self._batch_score = ((loss, dense, self.config), score)
+        return score
+
 
 # ------------------------------------------------------------------------------ helpers
-def _indexed_step(step_fn: Callable[..., Any], capture: _Capture, *, record: bool) -> Callable[..., Any]:
-    """``step_fn`` (the model's train or test step) with the memory's index taken out of the batch.
+def _indexed_step(
+    step_fn: Callable[..., Any], capture: _Capture, *, record: bool, memory: bool
+) -> Callable[..., Any]:
+    """``step_fn`` (the model's train or test step), with the memory's index taken out of the batch.
 
     The batch is the last positional argument (``train_step(data)`` on torch,
-    ``train_step(state, data)`` on JAX). With ``record``, the tracked layer's forwards are
-    recorded while the step runs (or is traced). A new function object per call, so that
-    jax.jit traces it afresh instead of reusing the trace of an earlier build.
+    ``train_step(state, data)`` on JAX); its ``sample_weight`` is read as the index only with
+    the memory (``memory``). With ``record``, the tracked layer's forwards are recorded while
+    the step runs (or is traced). A new function object per call, so that jax.jit traces it
+    afresh instead of reusing the trace of an earlier build.
     """
 
     def step(*args: Any, **kwargs: Any) -> Any:
         *head, data = args
-        data, capture.index = split_index(data)
+        if memory:
+            data, capture.index = split_index(data)
         capture.active = record
         try:
             return step_fn(*head, data, **kwargs)
@@ -737,8 +763,9 @@ def _check_index_given(config: GradTailConfig, index: Any) -> None:
         raise ValueError(
             f"GradTailCallback keeps a per-example memory (memory_size={config.memory.size}), so every "
             "batch needs its examples' rows: fit(x, y, sample_weight=GradTailCallback.indexed("
-            "np.arange(len(x)), sample_weight)) (or batch_weights(..., index=)); Received: a batch "
-            "without an index."
+            "np.arange(len(x)))) (or batch_weights(..., index=)); with the memory, sample_weight "
+            "carries the index only. Received: a batch whose sample_weight does not come from "
+            "GradTailCallback.indexed (none, or floating weights)."
         )
 
 
