@@ -24,6 +24,7 @@ from gradtail_ops import (
 from . import _private
 from ._autodiff import output_grads
 from ._index import indexed, split_index
+from ._model import check_output, resolve_layer, resolve_loss
 from ._state import GradTailState, numpy_template
 
 if TYPE_CHECKING:
@@ -69,14 +70,14 @@ def _config_attribute(name: str) -> property:
 
     def set_(self: GradTailCallback, value: Any) -> None:
         warnings.warn(
-            f"Setting GradTailCallback.{name} is deprecated (gradtail 0.2): the options live in "
-            f"`callback.config`, a GradTailConfig; build a new callback instead.",
+            f"Setting GradTailCallback.{name} is deprecated: the options live in `callback.config`, "
+            "a GradTailConfig; build a new callback instead.",
             DeprecationWarning,
             stacklevel=2,
         )
         self.config = self.config.replace(**{name: value})
 
-    return property(get, set_, doc=f"``config.{name}`` (read-only since 0.2; setting it is deprecated).")
+    return property(get, set_, doc=f"``config.{name}`` (setting it, as 0.1.0 allowed, is deprecated).")
 
 
 class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
@@ -396,9 +397,9 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             )
         # None when Keras has not built the compiled loss yet: then it is built and read in the
         # first train step, from that step's y and y_pred.
-        loss: keras.losses.Loss | None = _resolve_loss(model, built_only=True)
-        dense = _resolve_layer(model, self.layer)
-        _check_output(model, dense)
+        loss: keras.losses.Loss | None = resolve_loss(model, built_only=True)
+        dense = resolve_layer(model, self.layer)
+        check_output(model, dense)
         self._bind_state(dense)
         self._dense = dense
         self._capture.clear()
@@ -434,7 +435,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             if training:
                 if loss is None:
                     _private.build_compiled_loss(model, y, y_pred)
-                    loss = _resolve_loss(model)
+                    loss = resolve_loss(model)
                 weights = self._weights_in_step(loss, dense, y, y_pred)
                 sample_weight = _combine(sample_weight, weights)
             else:
@@ -698,7 +699,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                     f"The tracked layer must run once per forward; Received: {calls} calls for this `x`."
                 )
             _check_index_given(self.config, index)
-            score = self._batch_scorer(_resolve_loss(model), dense)
+            score = self._batch_scorer(resolve_loss(model), dense)
             rows = None if index is None else ops.convert_to_tensor(np.asarray(index))
             out = score(z, inputs, ops.convert_to_tensor(y), tracker.tail_state(), mask, rows)
             if update:
@@ -815,108 +816,3 @@ def _combine(sample_weight: Any, weights: Any) -> Any:
     if len(sample_weight.shape) > 1:
         w = ops.reshape(w, (-1,) + (1,) * (len(sample_weight.shape) - 1))
     return sample_weight * w
-
-
-def _resolve_loss(model: keras.Model, *, built_only: bool = False) -> Any:
-    """The compiled loss as a Loss object whose ``call`` gives unreduced per-example values.
-
-    With ``built_only``, None when Keras has not built the compiled loss yet (all other checks
-    run).
-    """
-    if not getattr(model, "compiled", False):
-        raise ValueError("GradTailCallback needs a compiled model; Received: a model without compile().")
-    if type(model).compute_loss is not keras.Model.compute_loss:
-        raise ValueError(
-            "GradTailCallback weights the compiled loss through Keras' own Model.compute_loss; Received: "
-            f"{type(model).__name__} overriding compute_loss. Compile the model with its loss instead."
-        )
-    if _private.compiled_loss(model) is None:
-        raise ValueError(
-            "GradTailCallback weights the loss given to compile(); Received: compile() without a `loss`."
-        )
-    flat = _private.compiled_losses(model)
-    if flat is None:
-        if built_only:
-            return None
-        raise ValueError("GradTailCallback could not read the compiled loss; Received: an unbuilt loss.")
-    if len(flat) != 1:
-        raise ValueError(
-            "GradTailCallback supports models with one output and one loss; Received: "
-            f"{len(flat)} losses ({[entry[3] for entry in flat]})."
-        )
-    loss = flat[0][1]
-    if not isinstance(loss, keras.losses.Loss):
-        raise ValueError(
-            f"GradTailCallback needs a keras.losses.Loss (or a name or function Keras wraps in one); "
-            f"Received: {type(loss).__name__}."
-        )
-    return loss
-
-
-def _resolve_layer(model: keras.Model, layer: keras.layers.Layer | str | None) -> keras.layers.Dense:
-    layers = _private.all_layers(model)
-    if layer is None:
-        denses = [m for m in layers if isinstance(m, keras.layers.Dense)]
-        if not denses:
-            raise ValueError(
-                "GradTailCallback tracks the model's last keras.layers.Dense, but there is none; "
-                f"Received: {type(model).__name__} with layers {[m.name for m in model.layers]}."
-            )
-        chosen = denses[-1]
-    elif isinstance(layer, str):
-        named = [m for m in layers if m.name == layer]
-        if not named:
-            raise ValueError(f"`layer` names no layer of the model; Received: layer={layer!r}.")
-        chosen = named[0]
-    else:
-        chosen = layer
-        if not any(chosen is m for m in layers):
-            raise ValueError(f"`layer` must belong to the model; Received: layer {chosen.name!r}.")
-    if not isinstance(chosen, keras.layers.Dense):
-        raise TypeError(
-            f"GradTailCallback tracks a keras.layers.Dense; Received: {type(chosen).__name__} "
-            f"({chosen.name!r})."
-        )
-    if getattr(chosen, "quantization_mode", None) is not None:
-        raise ValueError(
-            f"GradTailCallback cannot track a quantized Dense; Received: layer {chosen.name!r} with "
-            f"quantization_mode={chosen.quantization_mode!r}."
-        )
-    if type(chosen).call is not keras.layers.Dense.call or "activation" not in chosen.__dict__:
-        raise TypeError(
-            "GradTailCallback reads the pre-activation output of keras.layers.Dense.call; Received: "
-            f"{type(chosen).__name__} ({chosen.name!r}), a Dense subclass with its own call or activation."
-        )
-    if not chosen.built:
-        raise ValueError(f"The tracked layer must be built; Received: unbuilt layer {chosen.name!r}.")
-    return chosen
-
-
-def _output_op(model: keras.Model) -> Any:
-    """The operation producing a functional/sequential model's single output (None: unknown)."""
-    try:
-        outputs = model.outputs
-    except (AttributeError, ValueError):
-        return None
-    if outputs is None:
-        return None
-    if len(outputs) != 1:
-        raise ValueError(
-            f"GradTailCallback supports models with one output; Received: {len(outputs)} outputs."
-        )
-    return _private.producing_operation(outputs[0])
-
-
-def _check_output(model: keras.Model, dense: keras.layers.Dense) -> None:
-    """Fail at fit start when the tracked layer does not produce the model's output."""
-    op = _output_op(model)
-    while isinstance(op, keras.Model) and op is not dense:
-        op = _output_op(op)
-    if op is None or op is dense:
-        return  # subclassed models: checked again inside the first train step
-    raise ValueError(
-        f"GradTailCallback needs the tracked layer {dense.name!r} to produce the model's output, as "
-        "the per-example gradients are taken through its activation and the loss; Received: a model "
-        f"whose output comes from {type(op).__name__} {op.name!r}. Put the final activation into the "
-        "Dense layer (e.g. Dense(10, activation='softmax')), or pass `layer=` the output Dense."
-    )

@@ -148,6 +148,18 @@ def simulate_sgd(
     return [w1, b1, w2, b2]
 
 
+def torch_twin(params: list[np.ndarray]) -> Any:
+    """The tiny model in PyTorch (Linear, Tanh, Linear) with the same float32 weights."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        for layer, (k, b) in ((model[0], params[:2]), (model[2], params[2:])):
+            layer.weight.copy_(torch.tensor(k.T, dtype=torch.float32))
+            layer.bias.copy_(torch.tensor(b, dtype=torch.float32))
+    return model
+
+
 def head_grads(params: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
     """The head's per-example gradients of the tiny model, materialised in float64."""
     h = np.tanh(x @ params[0] + params[1])

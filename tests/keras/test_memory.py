@@ -6,7 +6,14 @@ import keras
 import numpy as np
 
 from gradtail_keras import GradTailCallback
-from tests.keras._helpers import ReferenceGradTail, assert_raises, simulate_sgd, tiny_model, tiny_problem
+from tests.keras._helpers import (
+    ReferenceGradTail,
+    assert_raises,
+    simulate_sgd,
+    tiny_model,
+    tiny_problem,
+    torch_twin,
+)
 
 MEMORY = {"memory_decay": 0.6, "memory_eta": 1.5, "memory_max_weight": 2.5}
 
@@ -58,11 +65,7 @@ def test_memory_weights_and_state_equal_gradtail_torch() -> None:
     options = {"decay": 0.9, "memory_size": n, **MEMORY}
     cb = GradTailCallback(**options)
     cb.set_model(tiny_model(params))
-    torch_model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    with torch.no_grad():
-        for layer, (k, b) in ((torch_model[0], params[:2]), (torch_model[2], params[2:])):
-            layer.weight.copy_(torch.tensor(k.T, dtype=torch.float32))
-            layer.bias.copy_(torch.tensor(b, dtype=torch.float32))
+    torch_model = torch_twin(params)
     gt = GradTail(torch_model[2], **options)
     order = np.random.default_rng(0).permutation(np.tile(np.arange(n), 3))
     for start in range(0, len(order), 12):

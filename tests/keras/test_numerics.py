@@ -16,6 +16,7 @@ from tests.keras._helpers import (
     softmax,
     tiny_model,
     tiny_problem,
+    torch_twin,
 )
 
 
@@ -100,11 +101,7 @@ def test_same_weights_and_state_as_gradtail_torch() -> None:
     options = {"decay": 0.9, "reference": "direction", "max_weight": 3.0}
     cb = GradTailCallback(**options)
     cb.set_model(tiny_model(params))
-    torch_model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    with torch.no_grad():
-        for layer, (k, b) in ((torch_model[0], params[:2]), (torch_model[2], params[2:])):
-            layer.weight.copy_(torch.tensor(k.T, dtype=torch.float32))
-            layer.bias.copy_(torch.tensor(b, dtype=torch.float32))
+    torch_model = torch_twin(params)
     gt = GradTail(torch_model[2], **options)
     for start in range(0, len(x), 12):
         xb, yb = x[start : start + 12].astype("float32"), y[start : start + 12]

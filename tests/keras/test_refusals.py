@@ -45,6 +45,21 @@ def test_config_and_flat_options_together_are_refused() -> None:
     )
 
 
+def _refused_at_fit(
+    model: keras.Model, y: Any, fragment: str, error: Any = ValueError, **options: Any
+) -> None:
+    """``fit`` with the callback raises ``error`` naming ``fragment``; the model is unwrapped."""
+    x, _ = long_tail_data(64)
+    assert_raises(
+        lambda: model.fit(x, y, batch_size=16, verbose=0, callbacks=[GradTailCallback(**options)]),
+        error,
+        fragment,
+        "Received:",
+    )
+    for name in ("compute_loss", "train_step", "test_step"):
+        assert name not in model.__dict__, name
+
+
 def _functional(outputs_from: Any) -> tuple[keras.Model, Any]:
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(4)(inputs)
@@ -76,17 +91,10 @@ def test_unsupported_model_fails_at_fit_start(case: str) -> None:
         model, _ = _functional(lambda h: _OwnDense(3, activation="softmax")(h))
         kwargs, message = {}, "a Dense subclass with its own call"
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    x, y = long_tail_data(64)
     before = [w.copy() for w in model.get_weights()]
-    assert_raises(
-        lambda: model.fit(x, y, epochs=1, verbose=0, callbacks=[GradTailCallback(**kwargs)]),
-        (ValueError, TypeError),
-        message,
-        "Received:",
-    )
+    _refused_at_fit(model, long_tail_data(64)[1], message, (ValueError, TypeError), **kwargs)
     for a, b in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert "compute_loss" not in model.__dict__
 
 
 def test_model_overriding_compute_loss_is_refused() -> None:
@@ -97,13 +105,7 @@ def test_model_overriding_compute_loss_is_refused() -> None:
     inputs = keras.Input((6,))
     model = OwnLoss(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
     model.compile(optimizer="sgd")
-    x, y = long_tail_data(64)
-    assert_raises(
-        lambda: model.fit(x, y, epochs=1, verbose=0, callbacks=[GradTailCallback()]),
-        (ValueError,),
-        "overriding compute_loss",
-        "Received:",
-    )
+    _refused_at_fit(model, long_tail_data(64)[1], "overriding compute_loss")
 
 
 def test_two_outputs_are_refused() -> None:
@@ -133,14 +135,8 @@ def test_subclassed_model_output_is_checked_in_the_first_step() -> None:
 
     sub = Subclassed()
     sub.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    x, y = long_tail_data(64)
-    assert_raises(
-        lambda: sub.fit(x, y, epochs=1, verbose=0, callbacks=[GradTailCallback()]),
-        (ValueError,),
-        "produce the model's output",
-        "Received:",
-    )
-    assert "compute_loss" not in sub.__dict__  # restored although fit never reached on_train_end
+    # Restored although fit never reached on_train_end.
+    _refused_at_fit(sub, long_tail_data(64)[1], "produce the model's output")
 
 
 def test_train_step_bypassing_compute_loss_is_detected() -> None:
@@ -150,27 +146,12 @@ def test_train_step_bypassing_compute_loss_is_detected() -> None:
 
     bypass = Bypass([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
     bypass.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    x, y = long_tail_data(64)
-    assert_raises(
-        lambda: bypass.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[GradTailCallback()]),
-        (RuntimeError,),
-        "did not call it",
-        "Received:",
-    )
-    assert "compute_loss" not in bypass.__dict__
+    _refused_at_fit(bypass, long_tail_data(64)[1], "did not call it", RuntimeError)
 
 
 def test_batch_level_loss_is_refused() -> None:
     """A loss whose call() returns one value per batch (Dice, axis=None): refused, model restored."""
     dice = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="sigmoid")])
     dice.compile(optimizer="sgd", loss=keras.losses.Dice())
-    x, _ = long_tail_data(64)
     y_multi = (np.random.default_rng(0).random((64, 3)) > 0.5).astype("float32")
-    assert_raises(
-        lambda: dice.fit(x, y_multi, batch_size=16, verbose=0, callbacks=[GradTailCallback()]),
-        (ValueError,),
-        "Dice",
-        "Received:",
-    )
-    for name in ("compute_loss", "train_step", "test_step"):
-        assert name not in dice.__dict__, name
+    _refused_at_fit(dice, y_multi, "Dice")
