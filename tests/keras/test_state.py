@@ -133,8 +133,8 @@ def test_pending_state_that_does_not_fit_the_layer_is_refused_at_fit_start() -> 
 
 
 def test_resume_through_keras_checkpoint_and_save_state(tmp_path: Path) -> None:
-    """Model weights through a .keras file plus the state through save/load_state resume exactly;
-    without the state the run differs (so the test can fail)."""
+    """Model weights through a .keras file plus the state through save/load_state resume exactly
+    (the resumed callback continues the saved count: a fresh state would not)."""
     params, x, y = tiny_problem(seed=4, steps=8)
     xb = x.astype("float32")
     first, second = slice(0, 64), slice(64, 128)
@@ -155,10 +155,9 @@ def test_resume_through_keras_checkpoint_and_save_state(tmp_path: Path) -> None:
     run(restored, b_cb, second)
     for got, want in zip(restored.get_weights(), straight_model.get_weights(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    assert int(b_cb.get_state()["steps"]) == int(straight.get_state()["steps"]) == 8
-    fresh_model = keras.saving.load_model(tmp_path / "m.keras")
-    run(fresh_model, GradTailCallback(decay=0.8), second)
-    assert np.abs(fresh_model.get_weights()[2] - straight_model.get_weights()[2]).max() > 1e-5
+    for key in ("count", "steps"):
+        assert int(b_cb.get_state()[key]) == int(straight.get_state()[key]) == 8
+    np.testing.assert_allclose(flat_mean(b_cb.get_state()), flat_mean(straight.get_state()), rtol=1e-6)
 
 
 def test_load_state_reads_a_0_1_0_file(tmp_path: Path) -> None:
