@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 
 from gradtail_keras import GradTailCallback
 from tests.keras._helpers import (
@@ -55,8 +56,8 @@ def test_fit_with_memory_matches_float64_sgd() -> None:
 def test_memory_weights_and_state_equal_gradtail_torch() -> None:
     """Same model, batches and indices (with revisits): batch_weights equals GradTail's memory
     weights, and the memory moves between the adapters."""
-    import torch
-    import torch.nn.functional as F
+    torch = pytest.importorskip("torch")
+    functional = torch.nn.functional
 
     from gradtail_torch import GradTail
 
@@ -72,7 +73,7 @@ def test_memory_weights_and_state_equal_gradtail_torch() -> None:
         rows = order[start : start + 12]
         xb, yb = x[rows].astype("float32"), y[rows]
         got = cb.batch_weights(xb, yb, index=rows)
-        losses = F.cross_entropy(torch_model(torch.tensor(xb)), torch.tensor(yb), reduction="none")
+        losses = functional.cross_entropy(torch_model(torch.tensor(xb)), torch.tensor(yb), reduction="none")
         want = gt.weights(losses, index=torch.tensor(rows))
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, 1.0)
