@@ -14,6 +14,7 @@ from tests.keras._helpers import (
     sigmoid,
     simulate_sgd,
     softmax,
+    softmax_head,
     tiny_model,
     tiny_problem,
     torch_twin,
@@ -211,3 +212,24 @@ def test_keras_mask_zeroes_padded_timesteps() -> None:
         other = np.where(mask > 0, ys, (ys + 1) % 3)
         np.testing.assert_allclose(cb.batch_weights(xs, other, update=False), want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(cb.batch_weights(xs, ys), want, rtol=1e-5, atol=1e-6)
+
+
+def test_decay_schedule_is_evaluated_at_the_steps_taken() -> None:
+    """``decay=schedule(steps)`` inside the (jitted) step equals the policy loop's schedule."""
+    model, kernel, bias = softmax_head(seed=5)
+    cb = GradTailCallback(decay=lambda steps: keras.ops.where(steps < 2, 0.2, 0.9))
+    cb.set_model(model)
+    gt = ReferenceGradTail(decay=lambda steps: 0.2 if steps < 2 else 0.9)
+    rng = np.random.default_rng(6)
+    for _ in range(4):
+        x, y = rng.normal(size=(12, 5)), rng.integers(0, 3, 12)
+        got = cb.batch_weights(x.astype("float32"), y)
+        want, _ = gt.step(
+            ref.per_example_linear_grads(x, softmax(x @ kernel + bias) - np.eye(3)[y], bias=True)
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    state = cb.get_state()
+    assert state["decay"] is None
+    assert int(state["steps"]) == 4
+    np.testing.assert_allclose(flat_mean(state), gt.state(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(state["total"]), gt.final["total"], rtol=1e-6)
