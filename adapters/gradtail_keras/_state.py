@@ -1,9 +1,10 @@
-"""The callback's state as a Keras metric: the EMA reference plus the per-epoch log sums.
+"""The callback's state as a Keras metric: the core's `TailState` plus the per-epoch log sums.
 
 A metric is the one kind of Keras object whose variables every trainer threads through its
 compiled train step and may update inside ``compute_loss`` (on JAX, through the trainer's
 ``StatelessScope``, with no host round trip per batch). ``reset_state`` (called by Keras at each
-epoch start) clears only the log sums; the reference persists across epochs and ``fit`` calls.
+epoch start) clears only the log sums; the reference and the memory persist across epochs and
+``fit`` calls.
 """
 
 from __future__ import annotations
@@ -11,18 +12,34 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
-from gradtail_ops import EMAState
+from gradtail_ops import EMAState, GradTailConfig, MemoryState, TailState, tail_init
 
-__all__ = ["GradTailState"]
+__all__ = ["GradTailState", "numpy_template"]
 
-# Relative margin above the batch mean weight for an example to count as upweighted.
+# Relative margin above the batch mean weight for an example to count as upweighted: weights
+# that tie at the mean (all ones, or all equal) differ from their float32 mean by rounding only.
 _UPWEIGHT_MARGIN = 1e-6
 
 
+def numpy_template(units: int, input_dim: int, use_bias: bool, *, config: GradTailConfig) -> TailState:
+    """An empty float32 NumPy `TailState` for a Dense layer: the ``like`` of `state_from_dict`.
+
+    Examples
+    --------
+    >>> state = numpy_template(2, 3, True, config=GradTailConfig())
+    >>> [a.shape for a in state.ema.mean[0]], state.memory
+    ([(2, 3), (2,)], None)
+    """
+    kernel = np.zeros((units, input_dim), np.float32)
+    layer = (kernel, np.zeros((units,), np.float32)) if use_bias else (kernel,)
+    return tail_init([layer], config=config)
+
+
 class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
-    """The reference gradient of one ``Dense`` layer and the running log values.
+    """The GradTail state of one ``Dense`` layer (reference, memory, steps) and the log values.
 
     Parameters
     ----------
@@ -32,6 +49,9 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         Whether the layer has a bias (its gradient is part of the score).
     name : str, optional
         The metric name. Defaults to "gradtail".
+    memory_size : int, optional
+        Rows of the per-example memory (``GradTailConfig.memory.size``). Defaults to None (no
+        memory).
 
     Notes
     -----
@@ -45,33 +65,63 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
     ['gradtail_alignment', 'gradtail_upweighted', 'gradtail_weight_mean']
     """
 
-    def __init__(self, units: int, input_dim: int, use_bias: bool, name: str = "gradtail") -> None:
+    def __init__(
+        self,
+        units: int,
+        input_dim: int,
+        use_bias: bool,
+        name: str = "gradtail",
+        *,
+        memory_size: int | None = None,
+    ) -> None:
         super().__init__(name=name, dtype="float32")
         self.units, self.input_dim, self.use_bias = units, input_dim, use_bias
+        self.memory_size = memory_size
         add = self.add_variable
         self.reference_kernel = add((units, input_dim), "zeros", name="reference_kernel")
         self.reference_bias = add((units,), "zeros", name="reference_bias") if use_bias else None
         self.total = add((), "zeros", name="total")
         self.count = add((), "zeros", dtype="int32", name="count")
+        self.steps = add((), "zeros", dtype="int32", name="steps")
+        self.memory_score = self.memory_visits = None
+        if memory_size is not None:
+            self.memory_score = add((memory_size,), "zeros", name="memory_score")
+            self.memory_visits = add((memory_size,), "zeros", dtype="int32", name="memory_visits")
         # Epoch sums in one variable (one update per step): weights, upweighted, alignments, examples.
         self.log_sums = add((4,), "zeros", name="log_sums")
 
-    # ------------------------------------------------------------------------ reference
-    def ema_state(self) -> EMAState:
-        """The reference as the core's ``EMAState`` (current values, also inside a train step)."""
-        mean: tuple[Any, ...] = (self.reference_kernel.value,)
-        if self.reference_bias is not None:
-            mean = (self.reference_kernel.value, self.reference_bias.value)
-        return EMAState(mean=[mean], total=self.total.value, count=self.count.value)
+    def _tail_variables(self) -> list[Any]:
+        """The variables of the `TailState`, in a fixed order (None entries left out)."""
+        variables = [self.reference_kernel, self.reference_bias, self.total, self.count, self.steps]
+        return [v for v in (*variables, self.memory_score, self.memory_visits) if v is not None]
 
-    def assign_ema_state(self, state: EMAState) -> None:
-        """Store the core's updated ``EMAState`` (shapes as built)."""
-        (mean,) = state.mean
-        self.reference_kernel.assign(mean[0])
-        if self.reference_bias is not None:
-            self.reference_bias.assign(mean[1])
-        self.total.assign(state.total)
-        self.count.assign(state.count)
+    # ------------------------------------------------------------------------ state
+    def tail_state(self, *, numpy: bool = False) -> TailState:
+        """The core's `TailState` from the current values (also inside a train step).
+
+        With ``numpy``, float32/int32 NumPy copies (for saving and validation).
+        """
+        read = (lambda v: np.array(ops.convert_to_numpy(v))) if numpy else (lambda v: v.value)
+        mean = tuple(read(v) for v in (self.reference_kernel, self.reference_bias) if v is not None)
+        memory = None
+        if self.memory_score is not None and self.memory_visits is not None:
+            memory = MemoryState(score=read(self.memory_score), visits=read(self.memory_visits))
+        ema = EMAState(mean=[mean], total=read(self.total), count=read(self.count))
+        return TailState(ema=ema, memory=memory, steps=read(self.steps))
+
+    def assign_tail_state(self, state: TailState) -> None:
+        """Store a `TailState` of this layout (tensors of the backend, or NumPy arrays)."""
+        (mean,) = state.ema.mean
+        values = [*mean, state.ema.total, state.ema.count, state.steps]
+        if state.memory is not None:
+            values += [state.memory.score, state.memory.visits]
+        for variable, value in zip(self._tail_variables(), values, strict=True):
+            variable.assign(value)
+
+    def reset_reference(self) -> None:
+        """Forget the state: zero reference, ``total = count = steps = 0``, an empty memory."""
+        for variable in self._tail_variables():
+            variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
 
     # ----------------------------------------------------------------------------- logs
     def update_state(self, weights: Any, alignment: Any) -> None:
@@ -85,14 +135,8 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         self.log_sums.assign_add(ops.sum(rows, axis=1))
 
     def reset_state(self) -> None:
-        """Clear the log sums (each epoch); the reference is kept."""
+        """Clear the log sums (each epoch); the reference and the memory are kept."""
         self.log_sums.assign(ops.zeros((4,), dtype=self.log_sums.dtype))
-
-    def reset_reference(self) -> None:
-        """Forget the reference: zero mean, ``total = 0``, ``count = 0``."""
-        for variable in (self.reference_kernel, self.reference_bias, self.total, self.count):
-            if variable is not None:
-                variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
 
     def result(self) -> dict[str, Any]:
         """Mean weight, share of upweighted examples and mean alignment since the epoch began."""
@@ -113,4 +157,5 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
             "input_dim": self.input_dim,
             "use_bias": self.use_bias,
             "name": self.name,
+            "memory_size": self.memory_size,
         }

@@ -3,48 +3,56 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any, Literal
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 from keras import ops
-from keras.src.backend import get_keras_mask  # no public accessor; Keras' own losses read it so
 
 from gradtail_ops import (
-    DEFAULT_CURVE,
-    DEFAULT_DECAY,
-    DEFAULT_REFERENCE,
-    DEFAULT_WARMUP_STEPS,
-    EMAState,
-    WeightCurve,
-    linear_score_and_update,
-    validate_step_options,
+    GradTailConfig,
+    TailOutput,
+    TailState,
+    coerce_config,
+    linear_tail_step,
+    state_from_dict,
+    state_to_dict,
 )
-from gradtail_ops.curves import Curve
 
+from . import _private
 from ._autodiff import output_grads
-from ._state import GradTailState
+from ._index import indexed, split_index
+from ._model import check_output, resolve_layer, resolve_loss
+from ._state import GradTailState, numpy_template
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from gradtail_ops import GradTailOptions
 
 __all__ = ["SUPPORTED_BACKENDS", "GradTailCallback"]
 
 #: Keras backends the callback runs on (the core needs an Array API library: JAX or PyTorch).
 SUPPORTED_BACKENDS: tuple[str, ...] = ("jax", "torch")
-_METHODS = ("auto", "ghost", "materialize")
 # The model's compiled step functions that the callback swaps in and out around each fit.
 _STEP_FUNCTIONS = ("train_function", "test_function")
+# Errors of a batch the scoring cannot use: fit will not reach on_train_end, so detach first.
+_STEP_ERRORS = (ValueError, TypeError, IndexError)
 
 
 class _Capture:
-    """What the tracked layer saw since the last loss computation: inputs, pre-activation, output.
+    """What the tracked layer saw since the last loss computation, and the batch's index.
 
     Only forwards inside the train step (``active``) with ``training`` not False are recorded.
     """
 
-    __slots__ = ("active", "calls", "inputs", "output", "preactivation")
+    __slots__ = ("active", "calls", "index", "inputs", "output", "preactivation")
 
     def __init__(self) -> None:
         self.active = False
+        self.index: Any = None
         self.clear()
 
     def clear(self) -> None:
@@ -52,6 +60,24 @@ class _Capture:
         self.inputs: Any = None
         self.preactivation: Any = None
         self.output: Any = None
+
+
+def _config_attribute(name: str) -> property:
+    """A 0.1.0 attribute (``cb.decay``, ...), now read from ``cb.config``; setting it is deprecated."""
+
+    def get(self: GradTailCallback) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: GradTailCallback, value: Any) -> None:
+        warnings.warn(
+            f"Setting GradTailCallback.{name} is deprecated: the options live in `callback.config`, "
+            "a GradTailConfig; build a new callback instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.config = self.config.replace(**{name: value})
+
+    return property(get, set_, doc=f"``config.{name}`` (setting it, as 0.1.0 allowed, is deprecated).")
 
 
 class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
@@ -62,37 +88,37 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
     alignment into a higher loss weight (Chen et al., 2022, "GradTail", arXiv:2201.05938;
     formulation and defaults in docs/method.md). The weights come from the batch's own
     per-example gradients, inside the compiled train step, and multiply each example's loss
-    together with any ``sample_weight`` / ``class_weight``. The math is `gradtail_ops`'
-    ``linear_score_and_update``; the per-example gradients are never built.
+    together with any ``sample_weight`` / ``class_weight``. The policy is the core's
+    ``gradtail_ops.linear_tail_step``; the per-example gradients are never built.
 
-    At ``fit`` start the callback wraps the model's ``compute_loss`` and the tracked layer's
-    ``call`` (on those instances only) and attaches a metric, `GradTailState`, whose variables
-    hold the reference; Keras threads them through the train step like any metric state, so
-    on JAX there is no per-batch host sync. At ``fit`` end everything is restored.
+    At ``fit`` start the callback wraps the model's ``compute_loss``, ``train_step`` and
+    ``test_step`` and the tracked layer's ``call`` (on those instances only) and attaches a
+    metric, `GradTailState`, whose variables hold the state; Keras threads them through the
+    train step like any metric state, so on JAX there is no per-batch host sync. At ``fit``
+    end everything is restored.
 
     Parameters
     ----------
     layer : keras.layers.Dense or str, optional
-        The scored layer, or its name (``model.get_layer``). It must produce the model's
-        (single) output; its activation is part of the loss. Defaults to the model's last
-        ``Dense`` layer.
-    decay : float, optional
-        EMA decay of the reference, in [0, 1]. Defaults to ``gradtail_ops.DEFAULT_DECAY``.
-    reference : {"direction", "mean"}, optional
-        EMA of the batch mean of unit-normalised per-example gradients, or of the plain
-        batch-mean gradient. Defaults to ``gradtail_ops.DEFAULT_REFERENCE`` ("direction").
-    warmup_steps : int, optional
-        Steps with weight 1 while the reference builds up (the first step always is).
-        Defaults to 0.
-    kind, max_weight, threshold, temperature, quantile, floor, normalize
-        The weighting curve (see `gradtail_ops.weight_curve`). Defaults to
-        ``gradtail_ops.DEFAULT_CURVE`` (``kind="rank"``, ``quantile=0.3``,
-        ``max_weight=3.0``, ``normalize=True``). ``max_weight=1`` turns weighting off.
-    eps : float, optional
-        Gradient norms at or below ``eps`` count as zero. Defaults to 0.0.
-    method : {"auto", "ghost", "materialize"}, optional
-        Norm computation for sequence inputs (see `gradtail_ops.linear_sq_norms`).
-        Defaults to "auto".
+        The scored layer, or its name. It must produce the model's (single) output; its
+        activation is part of the loss. Defaults to the model's last ``Dense`` layer.
+    config : gradtail_ops.GradTailConfig, optional
+        The whole policy as one object; or pass its flat options instead.
+    **options
+        The flat options of `gradtail_ops.GradTailConfig.from_options` (names in
+        ``gradtail_ops.OPTION_NAMES``): ``decay``, ``reference``, ``warmup_steps``, the curve's
+        ``kind``, ``max_weight``, ``threshold``, ``temperature``, ``quantile``, ``floor``,
+        ``normalize``, ``eps``, ``method``, and the per-example memory's ``memory_size``,
+        ``memory_decay``, ``memory_eta``, ``memory_max_weight``. Defaults to those of
+        ``GradTailConfig()`` (``gradtail_ops.defaults``); each is validated there, at
+        construction. With ``memory_size`` every batch needs its examples' indices: pass
+        ``sample_weight=GradTailCallback.indexed(np.arange(len(x)))`` to ``fit``
+        (docs/keras.md); ``sample_weight`` then carries the index only.
+
+    Attributes
+    ----------
+    config : gradtail_ops.GradTailConfig
+        The policy (``decay`` may be replaced by `set_state`, which adopts a saved decay).
 
     Notes
     -----
@@ -103,113 +129,93 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
     Examples
     --------
     >>> cb = GradTailCallback(decay=0.9, max_weight=3.0)
-    >>> cb.get_config()["max_weight"]
+    >>> cb.config.curve.max_weight
     3.0
     >>> GradTailCallback.from_config(cb.get_config()).get_config() == cb.get_config()
     True
     """
 
+    decay = _config_attribute("decay")
+    reference = _config_attribute("reference")
+    warmup_steps = _config_attribute("warmup_steps")
+    curve = _config_attribute("curve")
+    eps = _config_attribute("eps")
+    method = _config_attribute("method")
+    #: ``sample_weight`` for ``fit`` carrying the memory's index (`gradtail_keras._index.indexed`).
+    indexed = staticmethod(indexed)
+
     def __init__(
         self,
         *,
         layer: keras.layers.Layer | str | None = None,
-        decay: float = DEFAULT_DECAY,
-        reference: Literal["mean", "direction"] = DEFAULT_REFERENCE,
-        warmup_steps: int = DEFAULT_WARMUP_STEPS,
-        kind: Curve = DEFAULT_CURVE.kind,
-        max_weight: float = DEFAULT_CURVE.max_weight,
-        threshold: float = DEFAULT_CURVE.threshold,
-        temperature: float = DEFAULT_CURVE.temperature,
-        quantile: float = DEFAULT_CURVE.quantile,
-        floor: float = DEFAULT_CURVE.floor,
-        normalize: bool = DEFAULT_CURVE.normalize,
-        eps: float = 0.0,
-        method: Literal["auto", "ghost", "materialize"] = "auto",
+        config: GradTailConfig | None = None,
+        **options: Unpack[GradTailOptions],
     ) -> None:
         super().__init__()
-        validate_step_options(decay=decay, reference=reference, warmup_steps=warmup_steps)
+        self.config = coerce_config(config, options)
         if layer is not None and not isinstance(layer, (str, keras.layers.Layer)):
             raise TypeError(
                 "`layer` must be a keras.layers.Dense, a layer name or None; "
                 f"Received: {type(layer).__name__}."
             )
-        if not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"`eps` must be a non-negative float; Received: eps={eps!r}.")
-        if method not in _METHODS:
-            raise ValueError(f"`method` must be one of {_METHODS}; Received: method={method!r}.")
         self.layer = layer
-        self.decay = float(decay)
-        self.reference = reference
-        self.warmup_steps = warmup_steps
-        self.curve = WeightCurve(  # validates the options now, not at fit start
-            kind=kind,
-            max_weight=float(max_weight),
-            threshold=float(threshold),
-            temperature=float(temperature),
-            quantile=float(quantile),
-            floor=float(floor),
-            normalize=bool(normalize),
-        )
-        self.eps = float(eps)
-        self.method = method
         self.state: GradTailState | None = None
-        self._pending: dict[str, Any] | None = None
+        self._pending: TailState | None = None
         self._dense: keras.layers.Dense | None = None
         self._capture = _Capture()
         self._attached: dict[str, Any] | None = None
         self._step_cache: dict[str, Any] | None = None
         self._step_key: tuple[Any, ...] = ()
-        self._step_options: tuple[Any, ...] = ()
+        self._step_config: GradTailConfig | None = None
+        self._batch_score: tuple[tuple[Any, ...], Callable[..., TailOutput]] | None = None
         self._ran = False
 
     # ------------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
-        """The constructor arguments (a layer object is stored by its name).
+        """The constructor arguments: ``layer`` (a layer object by its name) and the flat options.
+
+        Raises
+        ------
+        ValueError
+            For a decay schedule (a Python callable, which has no Keras serialisation).
 
         Examples
         --------
         >>> sorted(GradTailCallback().get_config())[:3]
         ['decay', 'eps', 'floor']
         """
+        if callable(self.config.decay):
+            raise ValueError(
+                "GradTailCallback.get_config cannot serialise a decay schedule (a Python callable); "
+                f"Received: decay={self.config.decay!r}. Use a float decay, or build the callback "
+                "in code instead of from a config."
+            )
         layer = self.layer.name if isinstance(self.layer, keras.layers.Layer) else self.layer
-        curve = self.curve
-        return {
-            "layer": layer,
-            "decay": self.decay,
-            "reference": self.reference,
-            "warmup_steps": self.warmup_steps,
-            "kind": curve.kind,
-            "max_weight": curve.max_weight,
-            "threshold": curve.threshold,
-            "temperature": curve.temperature,
-            "quantile": curve.quantile,
-            "floor": curve.floor,
-            "normalize": curve.normalize,
-            "eps": self.eps,
-            "method": self.method,
-        }
+        return {"layer": layer, **self.config.to_options()}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GradTailCallback:
-        """A callback from `get_config`'s dictionary.
+        """A callback from `get_config`'s dictionary (0.1.0's, without the memory keys, too).
 
         Examples
         --------
-        >>> GradTailCallback.from_config({"decay": 0.5}).decay
+        >>> GradTailCallback.from_config({"decay": 0.5}).config.decay
         0.5
         """
         return cls(**config)
 
     # ------------------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
-        """The reference state, as NumPy arrays, in ``gradtail_torch.GradTail.state_dict``'s layout.
+        """The state in the library's interchange format (`gradtail_ops.state_to_dict`), as NumPy.
 
         Returns
         -------
         dict
             ``mean``: ``[[kernel (units, input_dim), bias (units,)]]`` (no bias entry for a
-            layer without bias); ``total``: shape (); ``count``: int32 shape ();
-            ``decay`` and ``reference``: the options that shaped it.
+            layer without bias); ``total``: shape (); ``count``, ``steps``: int32 shape ();
+            ``decay`` (None for a schedule) and ``reference``; with the memory,
+            ``memory_score``, ``memory_visits`` (shape (memory_size,)) and ``memory_decay``.
+            The layout of ``gradtail_torch.GradTail.state_dict``.
 
         Raises
         ------
@@ -226,45 +232,36 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         """
         if self.state is None:
             if self._pending is not None:
-                return dict(self._pending)
+                return state_to_dict(self._pending, config=self.config)
             raise RuntimeError(
                 "GradTailCallback has no state yet: it is created at the first fit (or by set_state)."
             )
-        model = getattr(self, "_model", None)
-        if model is not None and hasattr(model, "jax_state_sync"):
-            model.jax_state_sync()  # mid-fit on JAX, the variables lag the train step's state
-        s = self.state
-        mean = [ops.convert_to_numpy(s.reference_kernel)]
-        if s.reference_bias is not None:
-            mean.append(ops.convert_to_numpy(s.reference_bias))
-        return {
-            "mean": [mean],
-            "total": np.asarray(ops.convert_to_numpy(s.total)),
-            "count": np.asarray(ops.convert_to_numpy(s.count)),
-            "decay": self.decay,
-            "reference": self.reference,
-        }
+        self._sync()
+        return state_to_dict(self.state.tail_state(numpy=True), config=self.config)
 
-    def set_state(self, state: dict[str, Any]) -> None:
+    def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore a state from `get_state` (or from ``gradtail_torch.GradTail.state_dict``).
 
-        Before the first ``fit`` the state is kept and checked against the tracked layer when
-        ``fit`` starts.
+        The whole dict is validated by `gradtail_ops.state_from_dict` before anything is
+        assigned. Before the first ``fit`` the state is kept and checked against the tracked
+        layer when ``fit`` starts; from another callback during ``fit`` it takes effect from
+        the next step. A saved ``decay`` / ``memory_decay`` is adopted (a later ``fit``
+        rebuilds its train step for it).
 
         Parameters
         ----------
-        state : dict
-            With keys ``mean``, ``total``, ``count`` (arrays or tensors) and optionally
-            ``reference`` (must match this callback's) and ``decay`` (adopted; a later ``fit``
-            rebuilds its train step for it). During ``fit`` (from another callback) the state
-            takes effect from the next step.
+        state : mapping
+            With keys ``mean``, ``total``, ``count`` (arrays or tensors of any library) and
+            optionally ``steps``, ``decay``, ``reference`` (must match) and the memory's keys
+            (present exactly when ``memory_size`` is set).
 
         Raises
         ------
-        ValueError
-            For missing keys, another ``reference``, a ``decay`` outside [0, 1], shapes that do
-            not fit the tracked layer, or ``memory_*`` keys (a ``gradtail_torch`` state with a
-            per-example memory, which this callback cannot keep).
+        ValueError, TypeError
+            Naming the offending key: unknown or missing keys, another ``reference``, a
+            ``mean`` that is not one Dense layer (or does not fit the tracked one), non-finite
+            values, ``total`` outside [0, 1], a negative ``count``, a memory that does not
+            match ``memory_size``.
 
         Examples
         --------
@@ -272,43 +269,20 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         >>> cb.set_state({"mean": [[np.zeros((2, 3)), np.zeros(2)]], "total": 0.5, "count": 1})
         >>> int(cb.get_state()["count"])
         1
+        >>> cb.set_state({"mean": [[np.zeros((2, 3)), np.zeros(2)]], "total": -1.0, "count": 1})
+        Traceback (most recent call last):
+        ...
+        ValueError: `total` must be a finite number in [0.0, 1.0]; Received: total=-1.0.
         """
-        memory = sorted(k for k in state if str(k).startswith("memory_"))
-        if memory:
-            raise ValueError(
-                "GradTailCallback keeps no per-example memory, so a state holding one cannot be restored "
-                f"without losing it; Received: keys {memory}. Drop them first to keep only the reference "
-                "(e.g. {k: v for k, v in state.items() if not k.startswith('memory_')})."
+        tracker = self.state
+        if tracker is None:
+            self._pending, self.config = state_from_dict(
+                state, like=_template_of(state, self.config), config=self.config
             )
-        missing = {"mean", "total", "count"} - set(state)
-        if missing:
-            raise ValueError(f"`state` must have keys mean, total and count; Received: keys {sorted(state)}.")
-        if state.get("reference", self.reference) != self.reference:
-            raise ValueError(
-                f"The state was built with reference={state['reference']!r} but this callback uses "
-                f"reference={self.reference!r}."
-            )
-        mean = state["mean"]
-        if len(mean) != 1 or len(mean[0]) not in (1, 2):
-            raise ValueError(
-                "`state['mean']` must hold one layer: [[kernel, bias]] or [[kernel]]; "
-                f"Received: {len(mean)} layers."
-            )
-        decay = float(state.get("decay", self.decay))
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"`state['decay']` must lie in [0, 1]; Received: {decay}.")
-        clean: dict[str, Any] = {
-            "mean": [[np.asarray(_to_numpy(t), dtype=np.float32) for t in mean[0]]],
-            "total": np.asarray(_to_numpy(state["total"]), dtype=np.float32),
-            "count": np.asarray(_to_numpy(state["count"]), dtype=np.int32),
-            "decay": decay,
-            "reference": self.reference,
-        }
-        self.decay = decay
-        if self.state is None:
-            self._pending = clean
-        else:
-            self._load(clean)
+            return
+        self._sync()  # before reading the variables: mid-fit on JAX the train loop holds them
+        loaded, self.config = state_from_dict(state, like=tracker.tail_state(numpy=True), config=self.config)
+        tracker.assign_tail_state(loaded)
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
         """Write `get_state` to a ``.npz`` file (next to a model checkpoint, say).
@@ -331,17 +305,12 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         4
         """
         state = self.get_state()
-        arrays: dict[str, Any] = {f"mean_{k}": np.asarray(t) for k, t in enumerate(state["mean"][0])}
-        arrays.update(
-            total=state["total"],
-            count=state["count"],
-            decay=np.asarray(state["decay"]),
-            reference=np.asarray(state["reference"]),
-        )
+        arrays: dict[str, Any] = {f"mean_{k}": np.asarray(t) for k, t in enumerate(state.pop("mean")[0])}
+        arrays.update({k: np.asarray(v) for k, v in state.items() if v is not None})
         np.savez(path, **arrays)
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
-        """Restore a state written by `save_state` (see `set_state` for the checks).
+        """Restore a state written by `save_state`, 0.1.0's included (see `set_state`).
 
         Parameters
         ----------
@@ -349,40 +318,22 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             A ``.npz`` file from `save_state`.
         """
         with np.load(path) as data:
-            mean = [data[f"mean_{k}"] for k in range(2) if f"mean_{k}" in data]
-            self.set_state(
-                {
-                    "mean": [mean],
-                    "total": data["total"],
-                    "count": data["count"],
-                    "decay": float(data["decay"]),
-                    "reference": str(data["reference"]),
-                }
-            )
+            state: dict[str, Any] = {
+                "mean": [[data[f"mean_{k}"] for k in range(2) if f"mean_{k}" in data]],
+            }
+            for key in data.files:
+                if not key.startswith("mean_"):
+                    value = data[key]
+                    state[key] = value.item() if key in ("decay", "reference", "memory_decay") else value
+        self.set_state(state)
 
-    def _load(self, clean: dict[str, Any]) -> None:
-        s = self.state
-        assert s is not None
-        expected = [(s.units, s.input_dim)] + ([(s.units,)] if s.use_bias else [])
-        received = [tuple(t.shape) for t in clean["mean"][0]]
-        if received != expected or clean["total"].shape != () or clean["count"].shape != ():
-            raise ValueError(
-                f"The state does not fit the tracked layer: expected mean shapes {expected} and scalar "
-                f"total/count; Received: mean shapes {received}, total shape {clean['total'].shape}, "
-                f"count shape {clean['count'].shape}."
-            )
-        if self._attached is not None:
-            model = self._attached["model"]
-            if hasattr(model, "jax_state_sync"):
-                # Mid-fit on JAX the train loop holds its own copy of the variables and re-reads
-                # them only after a sync; without it the next step would overwrite this state.
-                model.jax_state_sync()
-        s.reference_kernel.assign(clean["mean"][0][0])
-        if s.reference_bias is not None:
-            s.reference_bias.assign(clean["mean"][0][1])
-        s.total.assign(clean["total"])
-        s.count.assign(clean["count"])
-        self._pending = None
+    def _sync(self) -> None:
+        """On JAX mid-fit, copy the train loop's state into the variables (a no-op otherwise).
+
+        ``Callback.model`` does it when read on JAX; the loop then re-reads the variables, so
+        an assignment after this sticks.
+        """
+        _ = self.model
 
     # --------------------------------------------------------------------- fit hooks
     def restore(self) -> None:
@@ -446,23 +397,10 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             )
         # None when Keras has not built the compiled loss yet: then it is built and read in the
         # first train step, from that step's y and y_pred.
-        loss: keras.losses.Loss | None = _resolve_loss(model, built_only=True)
-        dense = _resolve_layer(model, self.layer)
-        _check_output(model, dense)
-        kernel_shape = tuple(dense.kernel.shape)
-        input_dim, units = int(kernel_shape[0]), int(kernel_shape[1])
-        use_bias = dense.bias is not None
-        s = self.state
-        if s is None or (s.units, s.input_dim, s.use_bias) != (units, input_dim, use_bias):
-            if s is not None:
-                raise ValueError(
-                    f"This callback's state belongs to a Dense layer with kernel ({s.input_dim}, {s.units}) "
-                    f"and use_bias={s.use_bias}; Received: layer {dense.name!r} with kernel "
-                    f"{kernel_shape} and use_bias={use_bias}. Use a new GradTailCallback per model."
-                )
-            self.state = GradTailState(units, input_dim, use_bias)
-            if self._pending is not None:
-                self._load(self._pending)
+        loss: keras.losses.Loss | None = resolve_loss(model, built_only=True)
+        dense = resolve_layer(model, self.layer)
+        check_output(model, dense)
+        self._bind_state(dense)
         self._dense = dense
         self._capture.clear()
         self._ran = False
@@ -496,8 +434,8 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             nonlocal loss
             if training:
                 if loss is None:
-                    model._compile_loss.build(y, y_pred)
-                    loss = _resolve_loss(model)
+                    _private.build_compiled_loss(model, y, y_pred)
+                    loss = resolve_loss(model)
                 weights = self._weights_in_step(loss, dense, y, y_pred)
                 sample_weight = _combine(sample_weight, weights)
             else:
@@ -506,7 +444,8 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
         object.__setattr__(dense, "call", call)
         object.__setattr__(model, "compute_loss", compute_loss)
-        model._metrics.append(self.state)
+        assert self.state is not None
+        _private.attach_metric(model, self.state)
         plain = {name: getattr(model, name, None) for name in _STEP_FUNCTIONS}
         self._attached = {
             "model": model,
@@ -515,38 +454,67 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             "loss": original_loss,
             "plain": plain,
             "train_step": model.__dict__.get("train_step"),
+            "test_step": model.__dict__.get("test_step"),
         }
         # The step functions must trace the wrapped methods and thread the new metric variables
         # (fit looks the train function up again at every step). The ones built by an earlier fit
-        # of this callback are reused while the model is unchanged (same compile, layer and loss),
-        # so repeated fit calls do not recompile; otherwise they are rebuilt.
-        # The step-shaping options are constants of the traced step: a changed option (e.g. a
-        # decay adopted by set_state) rebuilds it.
-        key = (model, model.optimizer, model._compile_loss, dense, loss)
-        options = self._options()
+        # of this callback are reused while the model is unchanged (same compile, layer and loss)
+        # and so is the config, a constant of the traced step (e.g. a decay adopted by
+        # set_state rebuilds it); otherwise they are rebuilt.
+        key = (model, model.optimizer, _private.compiled_loss(model), dense, loss)
         cached = self._step_cache
         reuse = (
             cached is not None
             and all(a is b for a, b in zip(cached["key"], key, strict=True))
-            and cached["options"] == options
+            and cached["config"] == self.config
             and all(plain[name] is cached["restored"][name] for name in _STEP_FUNCTIONS)
         )
         for name in _STEP_FUNCTIONS:
             setattr(model, name, cached["functions"][name] if reuse and cached is not None else None)
         # The train step marks its forwards, the only ones scored (the torch trainer looks
-        # model.train_step up at every step). A fresh callable per attach also keeps jax.jit
-        # from reusing the trace of an earlier build, whose step options were constants.
-        object.__setattr__(model, "train_step", _recording_step(model.train_step, self._capture))
+        # model.train_step up at every step), and both steps take the memory's index out of the
+        # batch. Fresh callables per attach also keep jax.jit from reusing an earlier trace.
+        memory = self.config.memory is not None
+        for name, record in (("train_step", True), ("test_step", False)):
+            step = _indexed_step(getattr(model, name), capture, record=record, memory=memory)
+            object.__setattr__(model, name, step)
         if model.train_function is None:
             model.make_train_function(force=True)
         self._step_key = key
-        self._step_options = options
+        self._step_config = self.config
         # A reused function went through the wrapped compute_loss when it was traced.
         self._ran = bool(reuse and cached is not None and cached["verified"])
 
-    def _options(self) -> tuple[Any, ...]:
-        """The options traced into the train step as constants (the cache key's second half)."""
-        return (self.decay, self.reference, self.warmup_steps, self.curve, self.eps, self.method)
+    def _bind_state(self, dense: keras.layers.Dense) -> None:
+        """Create the state metric for ``dense`` (loading a pending `set_state`), or check it fits."""
+        kernel_shape = tuple(dense.kernel.shape)
+        input_dim, units = int(kernel_shape[0]), int(kernel_shape[1])
+        use_bias = dense.bias is not None
+        s = self.state
+        if s is not None:
+            if (s.units, s.input_dim, s.use_bias) != (units, input_dim, use_bias):
+                raise ValueError(
+                    f"This callback's state belongs to a Dense layer with kernel ({s.input_dim}, {s.units}) "
+                    f"and use_bias={s.use_bias}; Received: layer {dense.name!r} with kernel "
+                    f"{kernel_shape} and use_bias={use_bias}. Use a new GradTailCallback per model."
+                )
+            return
+        pending = self._pending
+        if pending is not None:
+            expected = [(units, input_dim)] + ([(units,)] if use_bias else [])
+            received = [tuple(t.shape) for t in pending.ema.mean[0]]
+            if received != expected:
+                raise ValueError(
+                    f"The state does not fit the tracked layer {dense.name!r}: expected mean shapes "
+                    f"{expected}; Received: mean shapes {received}."
+                )
+        memory = self.config.memory
+        self.state = GradTailState(
+            units, input_dim, use_bias, memory_size=None if memory is None else memory.size
+        )
+        if pending is not None:
+            self.state.assign_tail_state(pending)
+            self._pending = None
 
     def _detach(self) -> None:
         attached, self._attached = self._attached, None
@@ -557,19 +525,20 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             (dense, "call", attached["call"]),
             (model, "compute_loss", attached["loss"]),
             (model, "train_step", attached["train_step"]),
+            (model, "test_step", attached["test_step"]),
         ):
             if original is None:
                 obj.__dict__.pop(name, None)
             else:
                 object.__setattr__(obj, name, original)
-        if self.state is not None and any(m is self.state for m in model._metrics):
-            model._metrics[:] = [m for m in model._metrics if m is not self.state]
+        if self.state is not None:
+            _private.detach_metric(model, self.state)
         functions = {name: getattr(model, name, None) for name in _STEP_FUNCTIONS}
         for name in _STEP_FUNCTIONS:
             setattr(model, name, attached["plain"][name])
         self._step_cache = {
             "key": self._step_key,
-            "options": self._step_options,
+            "config": self._step_config,
             "functions": functions,
             "restored": attached["plain"],
             "verified": self._ran,
@@ -601,17 +570,24 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._ran = True
         tracker = self.state
         assert tracker is not None
-        mask = get_keras_mask(y_pred)
         try:
-            weights, alignment, state = self._score(
-                loss, dense.activation, z, inputs, y, tracker.ema_state(), mask=mask
+            _check_index_given(self.config, capture.index)
+            out = self._score(
+                loss,
+                dense.activation,
+                z,
+                inputs,
+                y,
+                tracker.tail_state(),
+                mask=_private.get_keras_mask(y_pred),
+                index=capture.index,
             )
-        except ValueError:
-            self._detach()  # a loss the scoring cannot use: fit will not reach on_train_end
+        except _STEP_ERRORS:
+            self._detach()  # a batch the scoring cannot use: fit will not reach on_train_end
             raise
-        tracker.assign_ema_state(state)
-        tracker.update_state(weights, alignment)
-        return weights
+        tracker.assign_tail_state(out.state)
+        tracker.update_state(out.weights, out.alignment)
+        return out.weights
 
     def _score(
         self,
@@ -620,24 +596,24 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         z: Any,
         inputs: Any,
         y: Any,
-        state: EMAState,
+        state: TailState,
         *,
         mask: Any = None,
-    ) -> tuple[Any, Any, EMAState]:
-        """Weights, alignments and new reference for one batch: a pure function of its arrays.
+        index: Any = None,
+    ) -> TailOutput:
+        """One batch through the core's `linear_tail_step`: a pure function of its arrays.
 
         ``inputs`` (B, ..., input_dim) and ``z`` (B, ..., units) are the tracked layer's input and
         pre-activation output in this forward; ``z`` is differentiated through the activation and
         the loss, per example, by the backend's autodiff (no gradient flows back from here).
         ``mask`` is the Keras mask of the model output (e.g. (B, T) from ``mask_zero=True``):
         masked entries of ``loss.call`` are zeroed before differentiating, as Keras leaves them
-        out of the loss.
+        out of the loss. ``index`` (B,): the examples' rows in the memory.
         """
         a = ops.stop_gradient(ops.convert_to_tensor(inputs))
         z = ops.stop_gradient(z)
         dtype = loss.dtype or keras.backend.floatx()
         y_true = ops.convert_to_tensor(y, dtype=dtype)
-
         batch = z.shape[0]
 
         def per_example_loss(t: Any) -> Any:
@@ -650,38 +626,20 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                     f"Received: {type(loss).__name__}.call returning shape {shape}. Use a per-example "
                     "loss (e.g. a Dice loss with an `axis` that keeps the batch axis)."
                 )
-            if mask is not None:
-                m = ops.cast(mask, values.dtype)
-                while len(m.shape) > len(values.shape) and m.shape[-1] == 1:
-                    m = ops.squeeze(m, axis=-1)  # as Keras matches a (B, T, 1) mask to (B, T)
-                if len(m.shape) < len(values.shape):
-                    m = ops.reshape(m, tuple(m.shape) + (1,) * (len(values.shape) - len(m.shape)))
-                if tuple(m.shape) != tuple(values.shape):
-                    raise ValueError(
-                        "GradTailCallback applies the output's Keras mask to the per-example losses; "
-                        f"Received: a mask of shape {tuple(mask.shape)} for losses of shape "
-                        f"{tuple(values.shape)}."
-                    )
-                values = values * m
-            return values
+            return values if mask is None else values * _mask_like(mask, values)
 
         d = output_grads(per_example_loss, z)
         if len(a.shape) > 3:  # (B, ..., T, d): one sequence axis, as the core expects
             a = ops.reshape(a, (a.shape[0], -1, a.shape[-1]))
             d = ops.reshape(d, (d.shape[0], -1, d.shape[-1]))
-        out = linear_score_and_update(
-            state,
-            [(a, d)],
-            decay=self.decay,
-            reference=self.reference,
-            curve=self.curve,
-            warmup_steps=self.warmup_steps,
-            eps=self.eps,
-            method=self.method,
+        if index is not None:
+            index = ops.convert_to_tensor(index)
+        out = linear_tail_step(state, [(a, d)], config=self.config, index=index)
+        return out._replace(
+            weights=ops.stop_gradient(out.weights), alignment=ops.stop_gradient(out.alignment)
         )
-        return ops.stop_gradient(out.weights), ops.stop_gradient(out.alignment), out.state
 
-    def batch_weights(self, x: Any, y: Any, *, update: bool = True) -> np.ndarray:
+    def batch_weights(self, x: Any, y: Any, *, index: Any = None, update: bool = True) -> np.ndarray:
         """The weights a training step would give the batch ``(x, y)``, outside ``fit``.
 
         Runs the model forward (``training=True``) and the same scoring as the train step
@@ -692,8 +650,11 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         ----------
         x, y : arrays
             One batch, shaped as for ``fit``.
+        index : array of int, shape (B,), optional
+            The examples' rows in the memory; required exactly when ``memory_size`` is set.
         update : bool, optional
-            Fold the batch into the reference, as a train step does. Defaults to True.
+            Fold the batch into the state (reference and memory), as a train step does.
+            Defaults to True.
 
         Returns
         -------
@@ -715,7 +676,9 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             raise ValueError("batch_weights needs a compiled model; Received: a model without compile().")
         attached_here = self._attached is None
         if attached_here:
-            _build_compile_loss(model, x, y)
+            if _private.compiled_loss(model) is not None:
+                x_in = ops.convert_to_tensor(x)
+                _private.build_compiled_loss(model, ops.convert_to_tensor(y), model(x_in, training=False))
             self._attach(model)
         try:
             self._capture.clear()
@@ -726,7 +689,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 self._capture.active = False
             capture = self._capture
             inputs, z, calls = capture.inputs, capture.preactivation, capture.calls
-            mask = get_keras_mask(capture.output) if capture.output is not None else None
+            mask = _private.get_keras_mask(capture.output) if capture.output is not None else None
             capture.clear()
             dense, tracker = self._dense, self.state
             assert dense is not None
@@ -735,46 +698,111 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 raise RuntimeError(
                     f"The tracked layer must run once per forward; Received: {calls} calls for this `x`."
                 )
-            loss = _resolve_loss(model)
-
-            def score(z: Any, inputs: Any, y: Any, state: EMAState, mask: Any) -> Any:
-                return self._score(loss, dense.activation, z, inputs, y, state, mask=mask)
-
-            if keras.backend.backend() == "jax":
-                import jax
-
-                score = jax.jit(score)
-            weights, _, state = score(z, inputs, ops.convert_to_tensor(y), tracker.ema_state(), mask)
+            _check_index_given(self.config, index)
+            score = self._batch_scorer(resolve_loss(model), dense)
+            rows = None if index is None else ops.convert_to_tensor(np.asarray(index))
+            out = score(z, inputs, ops.convert_to_tensor(y), tracker.tail_state(), mask, rows)
             if update:
-                tracker.assign_ema_state(state)
-            return np.asarray(ops.convert_to_numpy(weights), dtype=np.float32)
+                tracker.assign_tail_state(out.state)
+            return np.asarray(ops.convert_to_numpy(out.weights), dtype=np.float32)
         finally:
             if attached_here:
                 self._detach()
 
+    def _batch_scorer(self, loss: keras.losses.Loss, dense: keras.layers.Dense) -> Callable[..., TailOutput]:
+        """`_score` for `batch_weights`, jitted on JAX, and kept while loss, layer and config are."""
+        cached = self._batch_score
+        if (
+            cached is not None
+            and cached[0][0] is loss
+            and cached[0][1] is dense
+            and cached[0][2] == self.config
+        ):
+            return cached[1]
+
+        def score(z: Any, inputs: Any, y: Any, state: TailState, mask: Any, index: Any) -> TailOutput:
+            return self._score(loss, dense.activation, z, inputs, y, state, mask=mask, index=index)
+
+        if keras.backend.backend() == "jax":
+            import jax
+
+            score = jax.jit(score)
+        self._batch_score = ((loss, dense, self.config), score)
+        return score
+
 
 # ------------------------------------------------------------------------------ helpers
-def _recording_step(train_step: Callable[..., Any], capture: _Capture) -> Callable[..., Any]:
-    """``train_step`` with the tracked layer's forwards recorded while it runs (or is traced).
+def _indexed_step(
+    step_fn: Callable[..., Any], capture: _Capture, *, record: bool, memory: bool
+) -> Callable[..., Any]:
+    """``step_fn`` (the model's train or test step), with the memory's index taken out of the batch.
 
-    A new function object per call, so that jax.jit traces it afresh instead of reusing the
-    trace of an earlier build (whose step options were constants).
+    The batch is the last positional argument (``train_step(data)`` on torch,
+    ``train_step(state, data)`` on JAX); its ``sample_weight`` is read as the index only with
+    the memory (``memory``). With ``record``, the tracked layer's forwards are recorded while
+    the step runs (or is traced). A new function object per call, so that jax.jit traces it
+    afresh instead of reusing the trace of an earlier build.
     """
 
     def step(*args: Any, **kwargs: Any) -> Any:
-        capture.active = True
+        *head, data = args
+        if memory:
+            data, capture.index = split_index(data)
+        capture.active = record
         try:
-            return train_step(*args, **kwargs)
+            return step_fn(*head, data, **kwargs)
         finally:
             capture.active = False
+            capture.index = None
 
     return step
 
 
-def _to_numpy(value: Any) -> Any:
-    if hasattr(value, "detach"):  # torch tensors from gradtail_torch's state_dict
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
+def _check_index_given(config: GradTailConfig, index: Any) -> None:
+    """With the memory, say how a Keras user supplies the index (the core would ask for ``index=``)."""
+    if config.memory is not None and index is None:
+        raise ValueError(
+            f"GradTailCallback keeps a per-example memory (memory_size={config.memory.size}), so every "
+            "batch needs its examples' rows: fit(x, y, sample_weight=GradTailCallback.indexed("
+            "np.arange(len(x)))) (or batch_weights(..., index=)); with the memory, sample_weight "
+            "carries the index only. Received: a batch whose sample_weight does not come from "
+            "GradTailCallback.indexed (none, or floating weights)."
+        )
+
+
+def _template_of(state: Mapping[str, Any], config: GradTailConfig) -> TailState:
+    """The `state_from_dict` template for a state restored before the layer is known.
+
+    Its layer shapes are the saved ones (checked against the tracked layer at ``fit`` start);
+    everything else is validated now.
+    """
+    if not isinstance(state, Mapping) or "mean" not in state:
+        return numpy_template(1, 1, True, config=config)  # the core names what is missing
+    mean = state["mean"]
+    layer = mean[0] if isinstance(mean, (list, tuple)) and len(mean) == 1 else None
+    shapes = [tuple(np.shape(t)) for t in layer] if isinstance(layer, (list, tuple)) else []
+    if len(shapes) not in (1, 2) or len(shapes[0]) != 2:
+        raise ValueError(
+            "`state['mean']` must hold one Dense layer: [[kernel (units, input_dim), bias (units,)]] "
+            f"or [[kernel]]; Received: {type(mean).__name__} with shapes {shapes or mean!r}."
+        )
+    (units, input_dim) = shapes[0]
+    return numpy_template(units, input_dim, len(shapes) == 2, config=config)
+
+
+def _mask_like(mask: Any, values: Any) -> Any:
+    """The output's Keras mask shaped like the per-example loss values (as Keras matches them)."""
+    m = ops.cast(mask, values.dtype)
+    while len(m.shape) > len(values.shape) and m.shape[-1] == 1:
+        m = ops.squeeze(m, axis=-1)  # as Keras matches a (B, T, 1) mask to (B, T)
+    if len(m.shape) < len(values.shape):
+        m = ops.reshape(m, tuple(m.shape) + (1,) * (len(values.shape) - len(m.shape)))
+    if tuple(m.shape) != tuple(values.shape):
+        raise ValueError(
+            "GradTailCallback applies the output's Keras mask to the per-example losses; "
+            f"Received: a mask of shape {tuple(mask.shape)} for losses of shape {tuple(values.shape)}."
+        )
+    return m
 
 
 def _combine(sample_weight: Any, weights: Any) -> Any:
@@ -788,124 +816,3 @@ def _combine(sample_weight: Any, weights: Any) -> Any:
     if len(sample_weight.shape) > 1:
         w = ops.reshape(w, (-1,) + (1,) * (len(sample_weight.shape) - 1))
     return sample_weight * w
-
-
-def _build_compile_loss(model: keras.Model, x: Any, y: Any) -> None:
-    compile_loss = getattr(model, "_compile_loss", None)
-    if compile_loss is not None and not compile_loss.built:
-        y_pred = model(ops.convert_to_tensor(x), training=False)
-        compile_loss.build(ops.convert_to_tensor(y), y_pred)
-
-
-def _resolve_loss(model: keras.Model, *, built_only: bool = False) -> Any:
-    """The compiled loss as a Loss object whose ``call`` gives unreduced per-example values.
-
-    With ``built_only``, None when Keras has not built the compiled loss yet (all other checks
-    run).
-    """
-    if not getattr(model, "compiled", False):
-        raise ValueError("GradTailCallback needs a compiled model; Received: a model without compile().")
-    if type(model).compute_loss is not keras.Model.compute_loss:
-        raise ValueError(
-            "GradTailCallback weights the compiled loss through Keras' own Model.compute_loss; Received: "
-            f"{type(model).__name__} overriding compute_loss. Compile the model with its loss instead."
-        )
-    compile_loss = getattr(model, "_compile_loss", None)
-    if compile_loss is None:
-        raise ValueError(
-            "GradTailCallback weights the loss given to compile(); Received: compile() without a `loss`."
-        )
-    flat = compile_loss._flat_losses if compile_loss.built else None
-    if flat is None:
-        if built_only:
-            return None
-        raise ValueError("GradTailCallback could not read the compiled loss; Received: an unbuilt loss.")
-    if len(flat) != 1:
-        raise ValueError(
-            "GradTailCallback supports models with one output and one loss; Received: "
-            f"{len(flat)} losses ({[entry[3] for entry in flat]})."
-        )
-    loss = flat[0][1]
-    if not isinstance(loss, keras.losses.Loss):
-        raise ValueError(
-            f"GradTailCallback needs a keras.losses.Loss (or a name or function Keras wraps in one); "
-            f"Received: {type(loss).__name__}."
-        )
-    return loss
-
-
-def _dense_layers(model: keras.Model) -> list[keras.layers.Dense]:
-    return [
-        m
-        for m in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(m, keras.layers.Dense)
-    ]
-
-
-def _resolve_layer(model: keras.Model, layer: keras.layers.Layer | str | None) -> keras.layers.Dense:
-    denses = _dense_layers(model)
-    if layer is None:
-        if not denses:
-            raise ValueError(
-                "GradTailCallback tracks the model's last keras.layers.Dense, but there is none; "
-                f"Received: {type(model).__name__} with layers {[m.name for m in model.layers]}."
-            )
-        chosen = denses[-1]
-    elif isinstance(layer, str):
-        named = [m for m in model._flatten_layers(include_self=False, recursive=True) if m.name == layer]
-        if not named:
-            raise ValueError(f"`layer` names no layer of the model; Received: layer={layer!r}.")
-        chosen = named[0]
-    else:
-        chosen = layer
-        if not any(chosen is m for m in model._flatten_layers(include_self=False, recursive=True)):
-            raise ValueError(f"`layer` must belong to the model; Received: layer {chosen.name!r}.")
-    if not isinstance(chosen, keras.layers.Dense):
-        raise TypeError(
-            f"GradTailCallback tracks a keras.layers.Dense; Received: {type(chosen).__name__} "
-            f"({chosen.name!r})."
-        )
-    if getattr(chosen, "quantization_mode", None) is not None:
-        raise ValueError(
-            f"GradTailCallback cannot track a quantized Dense; Received: layer {chosen.name!r} with "
-            f"quantization_mode={chosen.quantization_mode!r}."
-        )
-    if type(chosen).call is not keras.layers.Dense.call or "activation" not in chosen.__dict__:
-        raise TypeError(
-            "GradTailCallback reads the pre-activation output of keras.layers.Dense.call; Received: "
-            f"{type(chosen).__name__} ({chosen.name!r}), a Dense subclass with its own call or activation."
-        )
-    if not chosen.built:
-        raise ValueError(f"The tracked layer must be built; Received: unbuilt layer {chosen.name!r}.")
-    return chosen
-
-
-def _output_op(model: keras.Model) -> Any:
-    """The operation producing a functional/sequential model's single output (None: unknown)."""
-    try:
-        outputs = model.outputs
-    except (AttributeError, ValueError):
-        return None
-    if outputs is None:
-        return None
-    if len(outputs) != 1:
-        raise ValueError(
-            f"GradTailCallback supports models with one output; Received: {len(outputs)} outputs."
-        )
-    history = getattr(outputs[0], "_keras_history", None)
-    return None if history is None else history.operation
-
-
-def _check_output(model: keras.Model, dense: keras.layers.Dense) -> None:
-    """Fail at fit start when the tracked layer does not produce the model's output."""
-    op = _output_op(model)
-    while isinstance(op, keras.Model) and op is not dense:
-        op = _output_op(op)
-    if op is None or op is dense:
-        return  # subclassed models: checked again inside the first train step
-    raise ValueError(
-        f"GradTailCallback needs the tracked layer {dense.name!r} to produce the model's output, as "
-        "the per-example gradients are taken through its activation and the loss; Received: a model "
-        f"whose output comes from {type(op).__name__} {op.name!r}. Put the final activation into the "
-        "Dense layer (e.g. Dense(10, activation='softmax')), or pass `layer=` the output Dense."
-    )
