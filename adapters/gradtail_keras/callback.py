@@ -153,6 +153,13 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.config = coerce_config(config, options)
+        if self.config.sketch is not None:
+            # The metric variables hold the exact (d_out, d_in) reference; sketches are not wired in.
+            raise ValueError(
+                "GradTailCallback keeps the exact reference: `sketch_rank` is supported by gradtail_torch "
+                "and gradtail_optax.head; Received: "
+                f"sketch_rank={self.config.sketch.rank}."
+            )
         if layer is not None and not isinstance(layer, (str, keras.layers.Layer)):
             raise TypeError(
                 "`layer` must be a keras.layers.Dense, a layer name or None; "
