@@ -19,6 +19,7 @@ from .config import (
     Reference,
     SketchConfig,
     coerce_config,
+    option_attributes,
 )
 from .curves import CURVES, WeightCurve, weight_curve
 from .defaults import (
@@ -113,6 +114,7 @@ __all__ = [
     "memory_init",
     "memory_update",
     "memory_weights",
+    "option_attributes",
     "multi_linear_alignment",
     "multi_linear_dots_and_sq_norms",
     "score_and_update",

@@ -10,6 +10,7 @@ whole policy (warm-up, memory gating, empty batches) from it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, get_args
@@ -40,6 +41,8 @@ __all__ = [
     "SketchConfig",
     "Method",
     "Reference",
+    "coerce_config",
+    "option_attributes",
 ]
 
 #: What the reference EMA averages: plain batch-mean gradients or unit-normalised ones.
@@ -81,6 +84,7 @@ class GradTailOptions(TypedDict, total=False):
 
 #: The names of the flat options, in documentation order.
 OPTION_NAMES: tuple[str, ...] = tuple(GradTailOptions.__annotations__)
+_FIELDS = ("decay", "reference", "warmup_steps", "curve", "eps", "method", "memory", "sketch")
 _CURVE_FIELDS = ("kind", "max_weight", "threshold", "temperature", "quantile", "floor", "normalize")
 
 
@@ -370,3 +374,50 @@ def coerce_config(config: GradTailConfig | None, options: Mapping[str, Any]) -> 
 def _set(obj: object, name: str, value: Any) -> None:
     # Frozen dataclasses normalise their fields (e.g. np.float32 -> float) in __post_init__.
     object.__setattr__(obj, name, value)
+
+
+def option_attributes(*names: str) -> Callable[[type[Any]], type[Any]]:
+    """Class decorator: 0.1's option attributes (``obj.decay``, ...) as views of ``obj.config``.
+
+    Reading gives the config's field (``curve``, ``decay``, ...) or flat option
+    (``memory_decay``, ...); setting, which 0.1 allowed, warns (DeprecationWarning) and
+    replaces ``obj.config`` with a validated copy. For adapter classes with a ``config``
+    attribute holding a `GradTailConfig`.
+
+    Examples
+    --------
+    >>> @option_attributes("decay")
+    ... class Holder:
+    ...     config = GradTailConfig(decay=0.9)
+    >>> Holder().decay
+    0.9
+    """
+
+    def attribute(name: str) -> property:
+        def get(self: Any) -> Any:
+            config: GradTailConfig = self.config
+            return getattr(config, name) if name in _FIELDS else config.to_options()[name]
+
+        def set_(self: Any, value: Any) -> None:
+            warnings.warn(
+                f"Setting {type(self).__name__}.{name} is deprecated: the options live in `.config`, a "
+                "GradTailConfig; build a new object (or pass config=) instead.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            config: GradTailConfig = self.config
+            if name in _FIELDS:
+                self.config = config.replace(**{name: value})
+            else:
+                self.config = GradTailConfig.from_options(**{**config.to_options(), name: value})
+
+        return property(
+            get, set_, doc=f"The ``{name}`` option, read from ``config`` (setting it is deprecated)."
+        )
+
+    def decorate(cls: type[Any]) -> type[Any]:
+        for name in names:
+            setattr(cls, name, attribute(name))
+        return cls
+
+    return decorate

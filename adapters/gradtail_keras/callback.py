@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from gradtail_ops import (
     TailState,
     coerce_config,
     linear_tail_step,
+    option_attributes,
     state_from_dict,
     state_to_dict,
 )
@@ -62,24 +62,7 @@ class _Capture:
         self.output: Any = None
 
 
-def _config_attribute(name: str) -> property:
-    """A 0.1.0 attribute (``cb.decay``, ...), now read from ``cb.config``; setting it is deprecated."""
-
-    def get(self: GradTailCallback) -> Any:
-        return getattr(self.config, name)
-
-    def set_(self: GradTailCallback, value: Any) -> None:
-        warnings.warn(
-            f"Setting GradTailCallback.{name} is deprecated: the options live in `callback.config`, "
-            "a GradTailConfig; build a new callback instead.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        self.config = self.config.replace(**{name: value})
-
-    return property(get, set_, doc=f"``config.{name}`` (setting it, as 0.1.0 allowed, is deprecated).")
-
-
+@option_attributes("decay", "reference", "warmup_steps", "curve", "eps", "method")
 class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
     """GradTail sample weighting for ``model.fit``: add the callback, nothing else.
 
@@ -135,12 +118,6 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
     True
     """
 
-    decay = _config_attribute("decay")
-    reference = _config_attribute("reference")
-    warmup_steps = _config_attribute("warmup_steps")
-    curve = _config_attribute("curve")
-    eps = _config_attribute("eps")
-    method = _config_attribute("method")
     #: ``sample_weight`` for ``fit`` carrying the memory's index (`gradtail_keras._index.indexed`).
     indexed = staticmethod(indexed)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradtail_ops import (
+    check_choice,
     cosine_from_dots,
     dense_dots_and_sq_norms,
     inverse_norms,
@@ -36,6 +37,15 @@ def _progress(progress: bool, total: int | None) -> Any:
             return None
         return tqdm(total=total, unit="batch", desc="gradtail: scoring")
     return None
+
+
+def _check_inputs(reference: str, state: Any, batches: Iterable[Any]) -> None:
+    check_choice("reference", reference, ("direction", "mean"))
+    if state is None and iter(batches) is batches:
+        raise TypeError(
+            "`batches` is a one-shot iterator but building the reference reads the data twice: pass a "
+            f"list or a re-iterable loader, or a trained state=; Received: {type(batches).__name__}."
+        )
 
 
 def score_batches(
@@ -100,13 +110,7 @@ def score_batches(
     >>> score_batches(grads, jnp.zeros(3), batches).shape
     (12,)
     """
-    if reference not in ("direction", "mean"):
-        raise ValueError(f"`reference` must be 'direction' or 'mean'; Received: {reference!r}.")
-    if state is None and iter(batches) is batches:
-        raise TypeError(
-            "`batches` is a one-shot iterator but building the reference reads the data twice: pass a "
-            f"list or a re-iterable loader, or a trained state=; Received: {type(batches).__name__}."
-        )
+    _check_inputs(reference, state, batches)
 
     def leaves(p: Any, batch: Any) -> list[jax.Array]:
         out = jax.tree.leaves(per_example_grad_fn(p, batch))
@@ -255,13 +259,7 @@ def score_head_batches(
     >>> score_head_batches(head_fn, head, [(x[:8], jnp.zeros(8, int)), (x[8:], jnp.ones(4, int))]).shape
     (12,)
     """
-    if reference not in ("direction", "mean"):
-        raise ValueError(f"`reference` must be 'direction' or 'mean'; Received: {reference!r}.")
-    if state is None and iter(batches) is batches:
-        raise TypeError(
-            "`batches` is a one-shot iterator but building the reference reads the data twice: pass a "
-            f"list or a re-iterable loader, or a trained state=; Received: {type(batches).__name__}."
-        )
+    _check_inputs(reference, state, batches)
 
     def layers(p: Any, batch: Any) -> tuple[list[tuple[jax.Array, jax.Array]], list[bool]]:
         pairs = _pairs(*head_fn(p, batch))

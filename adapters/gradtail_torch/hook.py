@@ -19,6 +19,7 @@ from gradtail_ops import (
     coerce_config,
     linear_mean_grad,
     linear_tail_step,
+    option_attributes,
     state_from_dict,
     state_to_dict,
     tail_init,
@@ -46,13 +47,9 @@ from ._layers import (
 __all__ = ["GradTail"]
 
 
-def _option(name: str) -> Any:
-    def read(self: GradTail) -> Any:
-        return self.config.to_options()[name]
-
-    return property(read, doc=f"The ``{name}`` option (read-only; ``config`` holds them all).")
-
-
+@option_attributes(
+    "decay", "reference", "warmup_steps", "eps", "method", "memory_decay", "memory_eta", "memory_max_weight"
+)
 class GradTail:
     """GradTail sample weighting for PyTorch: hooks on ``nn.Linear`` (and HF ``Conv1D``) layers.
 
@@ -175,19 +172,9 @@ class GradTail:
         """The per-example memory (scores and visits), or None when it is off."""
         return self._state.memory
 
-    # 0.1's option attributes, read-only views of the config.
-    decay = _option("decay")
-    reference = _option("reference")
-    warmup_steps = _option("warmup_steps")
-    eps = _option("eps")
-    method = _option("method")
-    memory_decay = _option("memory_decay")
-    memory_eta = _option("memory_eta")
-    memory_max_weight = _option("memory_max_weight")
-
     @property
     def curve(self) -> WeightCurve:
-        """The weighting curve."""
+        """The weighting curve (``config.curve``)."""
         curve: WeightCurve = self.config.curve
         return curve
 
