@@ -229,3 +229,30 @@ def test_to_options_round_trips_every_field():
         assert getattr(gt.GradTailConfig.from_options(**config.to_options()), field.name) == getattr(
             config, field.name
         ), field.name
+
+
+@pytest.mark.parametrize("total", [1.5, 1.0 + 1e-9])
+def test_a_saved_total_above_one_is_refused(total):
+    """``total = 1 - prod(decay)`` cannot exceed 1; the upper bound is checked, not only the lower."""
+    config = gt.GradTailConfig(decay=0.9, curve=gt.WeightCurve(**CURVE))
+    state = gt.tail_init(np.zeros(3), config=config)
+    state = gt.tail_step(state, np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), config=config).state
+    saved = gt.state_to_dict(state, config=config)
+    saved["total"] = np.float64(total)
+    with pytest.raises(ValueError, match=r"`total` must be a finite number in \[0.0, 1.0\]"):
+        gt.state_from_dict(saved, like=state, config=config)
+    saved["total"] = np.float64(1.0)  # the bound itself is a valid total (decay 0)
+    loaded, _ = gt.state_from_dict(saved, like=state, config=config)
+    assert float(loaded.ema.total) == 1.0
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_rank_curve_when_the_quantile_share_is_a_whole_number(name):
+    """quantile * n = 2 exactly: only examples with strictly fewer than 2 below are upweighted,
+    ties included (the float64 counting reference)."""
+    xp = pytest.importorskip(name)
+    for align in ([0.1, 0.5, 0.9, 0.2], [0.1, 0.1, 0.3, 0.3], [0.4, 0.2, 0.2, 0.2], [0.3, 0.1, 0.2, 0.5]):
+        got = to_numpy(
+            gt.weight_curve(xp.asarray(np.array(align)), kind="rank", quantile=0.5, max_weight=3.0)
+        )
+        np.testing.assert_array_equal(got, ref.rank_weights(np.array(align), 0.5, 3.0))
