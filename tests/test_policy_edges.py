@@ -256,3 +256,45 @@ def test_rank_curve_when_the_quantile_share_is_a_whole_number(name):
             gt.weight_curve(xp.asarray(np.array(align)), kind="rank", quantile=0.5, max_weight=3.0)
         )
         np.testing.assert_array_equal(got, ref.rank_weights(np.array(align), 0.5, 3.0))
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_a_non_finite_array_decay_skips_the_update_and_is_not_counted(name):
+    """A jitted schedule that yields NaN/inf skips the update: mean, total and count unchanged."""
+    xp = pytest.importorskip(name)
+    state = gt.ema_update(gt.ema_init(xp.asarray(np.zeros(3))), xp.asarray(np.ones(3)), decay=0.5)
+    for bad in (np.nan, np.inf, -np.inf):
+        out = gt.ema_update(state, xp.asarray(np.array([3.0, -1.0, 2.0])), decay=xp.asarray(bad))
+        assert int(to_numpy(out.count)) == 1
+        assert float(to_numpy(out.total)) == 0.5
+        np.testing.assert_array_equal(to_numpy(out.mean), np.ones(3))
+
+
+def test_a_schedule_yielding_nan_counts_a_step_but_no_reference_update():
+    """tail_step: the step is taken (steps + 1), the reference is not updated (count unchanged)."""
+    config = gt.GradTailConfig(decay=lambda steps: np.asarray(np.nan), curve=gt.WeightCurve(**CURVE))
+    state = gt.tail_init(np.zeros(2), config=config)
+    out = gt.tail_step(state, np.array([[1.0, 0.0], [0.0, 1.0]]), config=config)
+    assert int(out.state.steps) == 1
+    assert int(out.state.ema.count) == 0
+    assert float(out.state.ema.total) == 0.0
+
+
+def test_memory_weights_give_one_to_unvisited_rows_whatever_their_score():
+    """ "An example never visited gets 1": decided by visits, not by a zero score (a state built or
+    loaded with a stale score and no visits)."""
+    state = gt.MemoryState(np.array([-1.0, 2.0, -0.5]), np.array([0, 0, 2], dtype=np.int32))
+    w = gt.memory_weights(state, np.array([0, 1, 2]), eta=1.0, max_weight=3.0, normalize=False)
+    np.testing.assert_allclose(w, [1.0, 1.0, np.exp(0.5)], rtol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_first_visit_without_standardisation_stores_the_score_exactly(name):
+    """A group of one is taken exactly (no cumulative-sum round-off): with standardize=False the
+    first visit stores each raw score bit for bit, next to scores of very different magnitude."""
+    xp = pytest.importorskip(name)
+    scores = np.array([1e8, 1e-8, 3.3, -7e7, 1.0 / 3.0, 2e-9])
+    index = np.array([5, 0, 9, 2, 7, 3])
+    state = gt.memory_init(N, like=xp.asarray(np.zeros(1)))
+    new = gt.memory_update(state, xp.asarray(index), xp.asarray(scores), decay=0.5, standardize=False)
+    np.testing.assert_array_equal(to_numpy(new.score)[index], scores)
