@@ -169,6 +169,8 @@ def test_custom_score_replaces_cosine(xp):
 
 def test_vmap_over_independent_problems():
     jax = pytest.importorskip("jax")
+    # As the `backend` fixture does: without it this test ran in float32 when run alone.
+    jax.config.update("jax_enable_x64", True)
     rng = np.random.default_rng(7)
     g, m = rng.normal(size=(4, 6, 5)), rng.normal(size=(4, 5))  # 4 problems of B=6
     out = jax.vmap(gt.alignment)(jax.numpy.asarray(g), jax.numpy.asarray(m))
