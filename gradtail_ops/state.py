@@ -354,6 +354,18 @@ def _load_array(name: str, value: Any, target: Array, *, floating: bool) -> Arra
     if shape != tuple(target.shape):
         raise ValueError(f"`{name}` must have shape {tuple(target.shape)}; Received: shape {shape}.")
     xp = namespace(target)
+    if not floating:  # an integer that the target dtype cannot hold must not wrap to another value
+        if shape == ():
+            low = high = int(value)
+        else:
+            src = namespace(value)
+            low, high = int(src.min(value)), int(src.max(value))
+        info = xp.iinfo(target.dtype)
+        if low < info.min or high > info.max:
+            raise ValueError(
+                f"`{name}` must fit {target.dtype} ([{info.min}, {info.max}]); Received: values from "
+                f"{low} to {high}."
+            )
     out = xp.asarray(value, dtype=target.dtype, device=array_device(target), copy=True)
     if floating and not bool(xp.all(xp.isfinite(out))):
         raise ValueError(f"`{name}` must be finite (in {target.dtype}); Received: non-finite entries.")

@@ -596,4 +596,4 @@ def test_public_api():
         "state_to_dict",
     }
     assert isinstance(gradtail(batch_size=2), optax.GradientTransformationExtraArgs)
-    assert GradTailState._fields == ("ema", "count", "weights", "alignment", "memory")
+    assert GradTailState._fields == ("ema", "count", "weights", "alignment", "memory", "sketch")
