@@ -49,7 +49,7 @@ def test_get_config_round_trips_through_json() -> None:
     }
     cb = GradTailCallback(layer="head", **options)
     config = cb.get_config()
-    assert config == {"layer": "head", **options}
+    assert config == {"layer": "head", **options, "sketch_rank": None, "sketch_size": None, "sketch_seed": 0}
     again = GradTailCallback.from_config(json.loads(json.dumps(config)))
     assert again.get_config() == config
     assert again.config == cb.config == GradTailConfig.from_options(**options)
