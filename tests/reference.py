@@ -76,14 +76,14 @@ def rank_weights(a: np.ndarray, quantile: float, max_weight: float) -> np.ndarra
 EPS64 = float(np.finfo(np.float64).eps)
 
 
-def memory_scores(n, batches, decay, eps=EPS64):
+def memory_scores(n, batches, decay, standardize=True, eps=EPS64):
     """The per-example memory from its definition, one example at a time: standardise the
     batch's finite scores, group duplicates (their mean, one visit), bias-corrected EMA over
     visits. ``batches`` is a list of ``(index, raw_scores)``."""
     score, visits = np.zeros(n), np.zeros(n, dtype=np.int64)
     for index, raw in batches:
         finite = [(int(i), float(s)) for i, s in zip(index, raw, strict=True) if math.isfinite(s)]
-        if finite:
+        if standardize and finite:
             vals = [s for _, s in finite]
             mu = sum(vals) / len(vals)
             sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals) + eps)

@@ -12,40 +12,8 @@ from hypothesis import strategies as st
 import gradtail_ops as gt
 
 from .conftest import assert_array_like, to_numpy
-
-# ------------------------------------------------------------------------------ reference
-
-
-EPS64 = float(np.finfo(np.float64).eps)
-
-
-def ref_memory(n, batches, decay, standardize=True, eps=EPS64):
-    """The definition, one example at a time: standardise the batch's finite scores, group
-    duplicates (their mean, one visit), bias-corrected EMA over visits."""
-    score, visits = np.zeros(n), np.zeros(n, dtype=np.int64)
-    for index, raw in batches:
-        finite = [(int(i), float(s)) for i, s in zip(index, raw, strict=True) if math.isfinite(s)]
-        if standardize and finite:
-            vals = [s for _, s in finite]
-            mu = sum(vals) / len(vals)
-            sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals) + eps)
-            finite = [(i, (s - mu) / sd) for i, s in finite]
-        groups: dict[int, list[float]] = {}
-        for i, z in finite:
-            groups.setdefault(i, []).append(z)
-        for i, zs in groups.items():
-            rate = (1 - decay) / (1 - decay ** (visits[i] + 1))
-            score[i] += rate * (sum(zs) / len(zs) - score[i])
-            visits[i] += 1
-    return score, visits
-
-
-def ref_weights(score, visits, index, eta, cap, normalize=True):
-    w = np.ones(len(index))
-    for k, i in enumerate(index):
-        if visits[i] > 0:
-            w[k] = min(max(math.exp(-eta * score[i]), 1 / cap), cap)
-    return w / w.mean() if normalize else w
+from .reference import memory_scores as ref_memory
+from .reference import memory_weights as ref_weights
 
 
 def _batches(seed, n=12, b=6, steps=7, dup=True):

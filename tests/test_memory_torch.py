@@ -13,7 +13,8 @@ from gradtail_torch import GradTail  # noqa: E402
 
 from . import reference as ref  # noqa: E402
 from ._torch_models import mlp, per_example_grads  # noqa: E402
-from .test_memory import ref_memory, ref_weights  # noqa: E402
+from .reference import memory_scores as ref_memory  # noqa: E402
+from .reference import memory_weights as ref_weights  # noqa: E402
 
 
 def _data(n=20, d_in=6, classes=4, seed=0):

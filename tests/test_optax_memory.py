@@ -23,7 +23,8 @@ jnp = jax.numpy
 from gradtail_optax import gradtail, head, loss_and_output_grads  # noqa: E402
 
 from . import reference as ref  # noqa: E402
-from .test_memory import ref_memory, ref_weights  # noqa: E402
+from .reference import memory_scores as ref_memory  # noqa: E402
+from .reference import memory_weights as ref_weights  # noqa: E402
 from .test_optax_adapter import (  # noqa: E402
     ALL,
     CLASSES,
