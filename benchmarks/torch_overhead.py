@@ -657,7 +657,8 @@ def instrumented(timer: Timer) -> Iterator[None]:
 
     patches = [
         (hook_mod, "inspect_graph", "inspect_graph"),
-        (hook_mod, "linear_score_and_update", "linear_score_and_update"),
+        (hook_mod, "linear_tail_step", "linear_tail_step"),
+        (hook_mod.GradTail, "_book_keeping_exact", "book-keeping proof"),
         (hook_mod, "linear_mean_grad", "book-keeping grads"),
         (step_mod, "multi_linear_dots_and_sq_norms", "dots_and_sq_norms"),
         (step_mod, "inverse_norms", "inverse_norms"),
