@@ -94,11 +94,16 @@ def test_detached_after_fit_and_step_function_reused() -> None:
 
 
 def _tied_batch(case: str) -> tuple[np.ndarray, np.ndarray]:
-    """Identical examples (every weight ties), or two groups of three copies."""
+    """Identical examples (every weight ties), or two groups of six and two copies.
+
+    The groups differ in size on purpose: two groups of equal size align *exactly* equally
+    with the direction reference (the mean of their two unit gradients), so which one ranks
+    lower would be decided by rounding, which XLA does not keep fixed from run to run.
+    """
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=5), rng.normal(size=5)
     if case == "two groups":
-        return np.stack([a] * 3 + [b] * 3), np.array([0, 0, 0, 2, 2, 2])
+        return np.stack([a] * 6 + [b] * 2), np.array([0] * 6 + [2] * 2)
     size = 10 if case == "all at 2.9" else 6
     return np.stack([a] * size), np.zeros(size, "int64")
 
@@ -107,19 +112,14 @@ def _tied_batch(case: str) -> tuple[np.ndarray, np.ndarray]:
     ("case", "options"),
     [
         ("all identical", {"kind": "sigmoid", "normalize": False, "max_weight": 3.0, "threshold": 1.5}),
-        ("two groups", {"kind": "rank", "quantile": 0.5, "max_weight": 3.0}),
+        ("two groups", {"kind": "rank", "quantile": 0.25, "max_weight": 3.0}),
         # Ten float32 2.9s average to just below 2.9 (on torch and JAX): a tie must not count.
         ("all at 2.9", {"kind": "rank", "quantile": 1.0, "max_weight": 2.9, "normalize": False}),
     ],
 )
-def test_upweighted_share_on_the_first_step_and_with_ties(
-    case: str, options: dict[str, Any], request: pytest.FixtureRequest
-) -> None:
+def test_upweighted_share_on_the_first_step_and_with_ties(case: str, options: dict[str, Any]) -> None:
     """One step per epoch: the first (all ones) logs 0; with ties, the share strictly above the
     batch's mean weight, from the float64 policy loop (ties at the mean do not count)."""
-    if case == "two groups" and keras.backend.backend() == "jax":
-        # Seen failing in 1 of 3 identical runs on JAX (logged 0.0 instead of 0.5): open, reported.
-        request.applymarker(pytest.mark.xfail(strict=False, reason="nondeterministic on JAX (open)"))
     model, kernel, bias = softmax_head(seed=3)
     x, y = _tied_batch(case)
     cb = GradTailCallback(decay=0.5, **options)
@@ -131,7 +131,7 @@ def test_upweighted_share_on_the_first_step_and_with_ties(
         w, _ = gt.step(ref.per_example_linear_grads(x, d, bias=True))
         want.append(float(np.mean(w > w.mean() + 1e-9)))
     assert want[0] == 0.0
-    assert want[1] == (0.5 if case == "two groups" else 0.0)  # the case is what it claims
+    assert want[1] == (0.25 if case == "two groups" else 0.0)  # the case is what it claims
     assert not np.allclose(w, 1.0), "the ties must be away from 1"
     np.testing.assert_array_equal(np.asarray(logs["gradtail_upweighted"], np.float64), want)
 
