@@ -285,6 +285,9 @@ def state_from_dict(
         )
         config = config.replace(memory=dataclasses.replace(config.memory, decay=memory_decay))
 
+    # The sketch first: a sketched state and an exact destination (or the reverse) differ in
+    # their mean shapes too, and the sketch is what names the cause.
+    sketch = _load_sketch(state_dict.get("sketch"), like.sketch)
     mean = _load_mean(state_dict["mean"], like.ema.mean)
     total = _load_array("total", state_dict["total"], like.ema.total, floating=True)
     count = _load_array("count", state_dict["count"], like.ema.count, floating=False)
@@ -308,7 +311,6 @@ def state_from_dict(
         if not bool(xp.all(visits >= 0)):
             raise ValueError(f"`memory_visits` must be >= 0; Received: a minimum of {int(xp.min(visits))}.")
         memory = MemoryState(score=score, visits=visits)
-    sketch = _load_sketch(state_dict.get("sketch"), like.sketch)
     ema = EMAState(mean=mean, total=total, count=count)
     return TailState(ema=ema, memory=memory, steps=steps, sketch=sketch), config
 
@@ -375,6 +377,11 @@ def _load_array(name: str, value: Any, target: Array, *, floating: bool) -> Arra
 def _load_sketch(value: Any, like: tuple[SketchFactors | None, ...] | None) -> Any:
     """The saved test matrices, where ``like`` sketches the same layers."""
     plan = None if like is None else [f is not None for f in like]
+    if value is not None and not is_sequence(value):
+        raise TypeError(
+            "`sketch` must be a list with one entry per layer (None, or [omega, psi]); "
+            f"Received: {type(value).__name__}."
+        )
     saved = None if value is None else [f is not None for f in value]
     if plan != saved:
         raise ValueError(

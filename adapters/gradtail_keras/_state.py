@@ -15,7 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradtail_ops import EMAState, GradTailConfig, MemoryState, TailState, tail_init
+from gradtail_ops import EMAState, GradTailConfig, MemoryState, SketchConfig, SketchFactors, TailState, tail_init
+from gradtail_ops.sketch import sketch_factors, use_sketch
 
 __all__ = ["GradTailState", "numpy_template"]
 
@@ -52,11 +53,17 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
     memory_size : int, optional
         Rows of the per-example memory (``GradTailConfig.memory.size``). Defaults to None (no
         memory).
+    sketch : gradtail_ops.SketchConfig, optional
+        Hold the reference kernel as the two sketches of `gradtail_ops.sketch` (range
+        (units, k) and co-range (l, input_dim), with their fixed test matrices) when that is
+        at least 4x smaller than the kernel (`gradtail_ops.use_sketch`); the bias stays exact.
+        Defaults to None (the exact kernel).
 
     Notes
     -----
     The reference kernel is stored as (units, input_dim), the layout of ``gradtail_ops`` and of
-    ``gradtail_torch``'s state, so states move between the adapters unchanged.
+    ``gradtail_torch``'s state, so states move between the adapters unchanged; so are the
+    sketches.
 
     Examples
     --------
@@ -73,12 +80,28 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         name: str = "gradtail",
         *,
         memory_size: int | None = None,
+        sketch: SketchConfig | None = None,
     ) -> None:
         super().__init__(name=name, dtype="float32")
         self.units, self.input_dim, self.use_bias = units, input_dim, use_bias
         self.memory_size = memory_size
+        self.sketch = sketch
         add = self.add_variable
-        self.reference_kernel = add((units, input_dim), "zeros", name="reference_kernel")
+        factors = _factors(units, input_dim, sketch)
+        # The exact kernel, or its two sketches and their test matrices (constants of the run,
+        # drawn from the config's seed, kept as variables so that states save and load whole).
+        self.reference_kernel = self.sketch_range = self.sketch_corange = None
+        self.sketch_omega = self.sketch_psi = None
+        if factors is None:
+            self.reference_kernel = add((units, input_dim), "zeros", name="reference_kernel")
+        else:
+            k, size = factors.omega.shape[1], factors.psi.shape[0]
+            self.sketch_range = add((units, k), "zeros", name="sketch_range")
+            self.sketch_corange = add((size, input_dim), "zeros", name="sketch_corange")
+            self.sketch_omega = add(factors.omega.shape, "zeros", name="sketch_omega")
+            self.sketch_psi = add(factors.psi.shape, "zeros", name="sketch_psi")
+            self.sketch_omega.assign(factors.omega)
+            self.sketch_psi.assign(factors.psi)
         self.reference_bias = add((units,), "zeros", name="reference_bias") if use_bias else None
         self.total = add((), "zeros", name="total")
         self.count = add((), "zeros", dtype="int32", name="count")
@@ -90,10 +113,19 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         # Epoch sums in one variable (one update per step): weights, upweighted, alignments, examples.
         self.log_sums = add((4,), "zeros", name="log_sums")
 
+    def _mean_variables(self) -> list[Any]:
+        """The reference of the layer: ``[kernel, bias]`` or ``[range, co-range, bias]``."""
+        layer = (self.reference_kernel, self.sketch_range, self.sketch_corange, self.reference_bias)
+        return [v for v in layer if v is not None]
+
     def _tail_variables(self) -> list[Any]:
-        """The variables of the `TailState`, in a fixed order (None entries left out)."""
-        variables = [self.reference_kernel, self.reference_bias, self.total, self.count, self.steps]
+        """The variables of the `TailState` that steps change, in a fixed order (None left out)."""
+        variables = [*self._mean_variables(), self.total, self.count, self.steps]
         return [v for v in (*variables, self.memory_score, self.memory_visits) if v is not None]
+
+    def _factor_variables(self) -> list[Any]:
+        """The sketch's test matrices ``[omega, psi]`` (empty for the exact kernel)."""
+        return [v for v in (self.sketch_omega, self.sketch_psi) if v is not None]
 
     # ------------------------------------------------------------------------ state
     def tail_state(self, *, numpy: bool = False) -> TailState:
@@ -102,24 +134,40 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         With ``numpy``, float32/int32 NumPy copies (for saving and validation).
         """
         read = (lambda v: np.array(ops.convert_to_numpy(v))) if numpy else (lambda v: v.value)
-        mean = tuple(read(v) for v in (self.reference_kernel, self.reference_bias) if v is not None)
+        mean = tuple(read(v) for v in self._mean_variables())
         memory = None
         if self.memory_score is not None and self.memory_visits is not None:
             memory = MemoryState(score=read(self.memory_score), visits=read(self.memory_visits))
+        sketch = None
+        if self.sketch_omega is not None and self.sketch_psi is not None:
+            sketch = (SketchFactors(omega=read(self.sketch_omega), psi=read(self.sketch_psi)),)
         ema = EMAState(mean=[mean], total=read(self.total), count=read(self.count))
-        return TailState(ema=ema, memory=memory, steps=read(self.steps))
+        return TailState(ema=ema, memory=memory, steps=read(self.steps), sketch=sketch)
 
-    def assign_tail_state(self, state: TailState) -> None:
-        """Store a `TailState` of this layout (tensors of the backend, or NumPy arrays)."""
+    def assign_tail_state(self, state: TailState, *, factors: bool = True) -> None:
+        """Store a `TailState` of this layout (tensors of the backend, or NumPy arrays).
+
+        ``factors=False`` leaves the sketch's test matrices as they are (a train step, which
+        never changes them, skips the copy).
+        """
         (mean,) = state.ema.mean
         values = [*mean, state.ema.total, state.ema.count, state.steps]
         if state.memory is not None:
             values += [state.memory.score, state.memory.visits]
-        for variable, value in zip(self._tail_variables(), values, strict=True):
+        variables = self._tail_variables()
+        if factors and state.sketch is not None:
+            (layer,) = state.sketch
+            if layer is not None:
+                values += [layer.omega, layer.psi]
+                variables += self._factor_variables()
+        for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
 
     def reset_reference(self) -> None:
-        """Forget the state: zero reference, ``total = count = steps = 0``, an empty memory."""
+        """Forget the state: zero reference, ``total = count = steps = 0``, an empty memory.
+
+        A sketch keeps its test matrices (constants of the configuration).
+        """
         for variable in self._tail_variables():
             variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
 
@@ -158,4 +206,13 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
             "use_bias": self.use_bias,
             "name": self.name,
             "memory_size": self.memory_size,
+            "sketch": self.sketch,
         }
+
+
+def _factors(units: int, input_dim: int, sketch: SketchConfig | None) -> SketchFactors | None:
+    """The test matrices of a sketched (units, input_dim) kernel, as float32 NumPy; None: exact."""
+    if sketch is None or sketch.size is None or not use_sketch(units, input_dim, sketch.rank, sketch.size):
+        return None
+    like = np.zeros((1,), np.float32)
+    return sketch_factors(units, input_dim, sketch.rank, sketch.size, seed=sketch.seed, like=like)

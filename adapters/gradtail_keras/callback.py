@@ -91,12 +91,15 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         The flat options of `gradtail_ops.GradTailConfig.from_options` (names in
         ``gradtail_ops.OPTION_NAMES``): ``decay``, ``reference``, ``warmup_steps``, the curve's
         ``kind``, ``max_weight``, ``threshold``, ``temperature``, ``quantile``, ``floor``,
-        ``normalize``, ``eps``, ``method``, and the per-example memory's ``memory_size``,
-        ``memory_decay``, ``memory_eta``, ``memory_max_weight``. Defaults to those of
+        ``normalize``, ``eps``, ``method``, the per-example memory's ``memory_size``,
+        ``memory_decay``, ``memory_eta``, ``memory_max_weight``, and the sketched reference's
+        ``sketch_rank``, ``sketch_size``, ``sketch_seed``. Defaults to those of
         ``GradTailConfig()`` (``gradtail_ops.defaults``); each is validated there, at
         construction. With ``memory_size`` every batch needs its examples' indices: pass
         ``sample_weight=GradTailCallback.indexed(np.arange(len(x)))`` to ``fit``
-        (docs/keras.md); ``sample_weight`` then carries the index only.
+        (docs/keras.md); ``sample_weight`` then carries the index only. With ``sketch_rank``
+        a large tracked layer keeps its reference kernel as a rank-k sketch
+        (`gradtail_ops.sketch`; a layer where that is not 4x smaller stays exact).
 
     Attributes
     ----------
@@ -130,13 +133,6 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.config = coerce_config(config, options)
-        if self.config.sketch is not None:
-            # The metric variables hold the exact (d_out, d_in) reference; sketches are not wired in.
-            raise ValueError(
-                "GradTailCallback keeps the exact reference: `sketch_rank` is supported by gradtail_torch "
-                "and gradtail_optax.head; Received: "
-                f"sketch_rank={self.config.sketch.rank}."
-            )
         if layer is not None and not isinstance(layer, (str, keras.layers.Layer)):
             raise TypeError(
                 "`layer` must be a keras.layers.Dense, a layer name or None; "
@@ -290,6 +286,9 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         """
         state = self.get_state()
         arrays: dict[str, Any] = {f"mean_{k}": np.asarray(t) for k, t in enumerate(state.pop("mean")[0])}
+        sketch = state.pop("sketch", None)
+        if sketch is not None:
+            (arrays["sketch_omega"], arrays["sketch_psi"]) = (np.asarray(t) for t in sketch[0])
         arrays.update({k: np.asarray(v) for k, v in state.items() if v is not None})
         np.savez(path, **arrays)
 
@@ -303,10 +302,12 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         """
         with np.load(path) as data:
             state: dict[str, Any] = {
-                "mean": [[data[f"mean_{k}"] for k in range(2) if f"mean_{k}" in data]],
+                "mean": [[data[f"mean_{k}"] for k in range(3) if f"mean_{k}" in data]],
             }
+            if "sketch_omega" in data.files:
+                state["sketch"] = [[data["sketch_omega"], data["sketch_psi"]]]
             for key in data.files:
-                if not key.startswith("mean_"):
+                if not key.startswith(("mean_", "sketch_")):
                     value = data[key]
                     state[key] = value.item() if key in ("decay", "reference", "memory_decay") else value
         self.set_state(state)
@@ -485,7 +486,8 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
             return
         pending = self._pending
         if pending is not None:
-            expected = [(units, input_dim)] + ([(units,)] if use_bias else [])
+            template = numpy_template(units, input_dim, use_bias, config=self.config)
+            expected = [tuple(t.shape) for t in template.ema.mean[0]]
             received = [tuple(t.shape) for t in pending.ema.mean[0]]
             if received != expected:
                 raise ValueError(
@@ -494,7 +496,11 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 )
         memory = self.config.memory
         self.state = GradTailState(
-            units, input_dim, use_bias, memory_size=None if memory is None else memory.size
+            units,
+            input_dim,
+            use_bias,
+            memory_size=None if memory is None else memory.size,
+            sketch=self.config.sketch,
         )
         if pending is not None:
             self.state.assign_tail_state(pending)
@@ -569,7 +575,7 @@ class GradTailCallback(keras.callbacks.Callback):  # type: ignore[misc]
         except _STEP_ERRORS:
             self._detach()  # a batch the scoring cannot use: fit will not reach on_train_end
             raise
-        tracker.assign_tail_state(out.state)
+        tracker.assign_tail_state(out.state, factors=False)
         tracker.update_state(out.weights, out.alignment)
         return out.weights
 
@@ -765,13 +771,17 @@ def _template_of(state: Mapping[str, Any], config: GradTailConfig) -> TailState:
     mean = state["mean"]
     layer = mean[0] if isinstance(mean, (list, tuple)) and len(mean) == 1 else None
     shapes = [tuple(np.shape(t)) for t in layer] if isinstance(layer, (list, tuple)) else []
-    if len(shapes) not in (1, 2) or len(shapes[0]) != 2:
+    sketch = state.get("sketch")
+    sketched = isinstance(sketch, (list, tuple)) and len(sketch) == 1 and sketch[0] is not None
+    parts = 2 if sketched else 1  # the kernel, or its range and co-range sketches
+    if len(shapes) not in (parts, parts + 1) or any(len(shape) != 2 for shape in shapes[:parts]):
+        want = "[[range (units, k), co-range (l, input_dim)" if sketched else "[[kernel (units, input_dim)"
         raise ValueError(
-            "`state['mean']` must hold one Dense layer: [[kernel (units, input_dim), bias (units,)]] "
-            f"or [[kernel]]; Received: {type(mean).__name__} with shapes {shapes or mean!r}."
+            f"`state['mean']` must hold one Dense layer: {want}, bias (units,)]] or without the bias; "
+            f"Received: {type(mean).__name__} with shapes {shapes or mean!r}."
         )
-    (units, input_dim) = shapes[0]
-    return numpy_template(units, input_dim, len(shapes) == 2, config=config)
+    units, input_dim = shapes[0][0], shapes[parts - 1][1]
+    return numpy_template(units, input_dim, len(shapes) == parts + 1, config=config)
 
 
 def _mask_like(mask: Any, values: Any) -> Any:
