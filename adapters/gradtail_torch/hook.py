@@ -410,7 +410,9 @@ class GradTail:
             return weights
         with torch.no_grad():
             coef = weights.detach()
-            for layer, (inputs, grads) in zip(self.layers, layers, strict=True):
+            layers.reverse()  # popped in layer order: each layer's inputs and grads die after use
+            for layer in self.layers:
+                inputs, grads = layers.pop()
                 bias = bias_of(layer)
                 bias = bias if bias is not None and bias.requires_grad else None
                 gw, gb = linear_mean_grad(inputs, grads, bias=bias is not None, example_weights=coef)
