@@ -201,6 +201,43 @@ def test_jtt_upweights_exactly_the_error_set():
     np.testing.assert_allclose(w.numpy(), expected / expected.mean(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["logit_adjustment", "logit_adjustment_gradtail"])
+def test_logit_adjustment_differentiates_the_adjusted_loss(name):
+    """The head's gradient is that of mean CE(f(x) + log(prior), y), by hand in float64 (the
+    GradTail variant's weights are 1 in its warm-up step)."""
+    import torch
+
+    from benchmarks.longtail.methods import Batch, Context
+
+    rng = np.random.default_rng(0)
+    counts = np.array([50, 5, 1])
+    x, y = rng.normal(size=(6, 4)), np.array([0, 1, 2, 0, 0, 1])
+    head = torch.nn.Linear(4, 3).double()
+    method = METHODS[name].make(Context(head, counts, steps_per_epoch=1, warmup_steps=1))
+    logits = head(torch.as_tensor(x))
+    plain = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y), reduction="none")
+    w = method.backward(Batch(plain, logits, torch.as_tensor(y), 0))
+    method.close()
+    z = logits.detach().numpy() + np.log(counts / counts.sum())
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dz = (p - np.eye(3)[y]) / len(y)
+    np.testing.assert_allclose(w.numpy(), 1.0)
+    np.testing.assert_allclose(head.weight.grad.numpy(), dz.T @ x, rtol=1e-10)
+    np.testing.assert_allclose(head.bias.grad.numpy(), dz.sum(0), rtol=1e-10)
+
+
+def test_variants_table_writes_its_own_benchmark():
+    from benchmarks.longtail.run import VARIANTS_BENCHMARK, benchmark_name, parse_args
+
+    args = parse_args(["--variants-table", "--methods", "uniform", "--variant", "t_sk", "sketch_rank=16"])
+    METHODS.pop("t_sk")
+    assert benchmark_name(args) == VARIANTS_BENCHMARK
+    assert args.out.name == f"{VARIANTS_BENCHMARK}.json"
+    with pytest.raises(SystemExit):
+        parse_args(["--variants-table", "--sweep"])
+
+
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
     reason="Fashion-MNIST (Debian dataset-fashion-mnist) not installed",

@@ -239,8 +239,9 @@ def make_figures(doc: dict[str, Any], outdir: Path) -> list[Path]:
     datasets = list(doc["datasets"])
     if not datasets:
         return []
-    arch = doc.get("config", {}).get("arch", "mlp")
-    prefix = "longtail" + ("" if arch == "mlp" else f"_{arch}") + ("_quick" if doc.get("quick") else "")
+    # Named after the benchmark (longtail, longtail_cnn, longtail_variants, ...): runs that
+    # write different tables never overwrite each other's figures.
+    prefix = str(doc.get("benchmark", "longtail")) + ("_quick" if doc.get("quick") else "")
     long_tailed = [d for d in datasets if not doc["datasets"][d].get("hidden")]
     paths: list[Path | None] = []
     if long_tailed:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradtail_ops
@@ -243,6 +244,51 @@ class ClassBalancedGradTail(GradTailWeighting):
         return c * g * (c.sum() / (c * g).sum())
 
 
+class LogitAdjusted(Weighting):
+    """Logit-adjusted cross-entropy (Menon et al., 2021, "Long-tail learning via logit
+    adjustment", ICLR): train on ``CE(f(x) + tau * log(pi), y)`` with ``pi`` the training
+    class prior, predict with ``f(x)`` alone. Uniform weights; the loss itself is replaced, so
+    ``backward`` differentiates the adjusted loss (the recorded loss stays the plain one)."""
+
+    def __init__(self, ctx: Context, *, tau: float = 1.0) -> None:
+        prior = np.asarray(ctx.counts, np.float64) / np.sum(ctx.counts)
+        self.offset = torch.as_tensor(tau * np.log(prior))  # float64, cast to the logits dtype per batch
+
+    def adjusted_loss(self, batch: Batch) -> torch.Tensor:
+        offset = self.offset.to(batch.logits.device, batch.logits.dtype)
+        return F.cross_entropy(batch.logits + offset, batch.y, reduction="none")
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        return torch.ones_like(batch.loss).detach()
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        w = self.weights(batch)
+        self.adjusted_loss(batch).mean().backward()
+        return w
+
+
+class LogitAdjustedGradTail(LogitAdjusted):
+    """GradTail (defaults) on the logit-adjusted loss: the class prior is corrected by the
+    loss, and GradTail weighs, within it, the examples whose adjusted-loss gradient
+    disagrees with the reference (the tail that class counts cannot see)."""
+
+    def __init__(self, ctx: Context, *, tau: float = 1.0, **options: Any) -> None:
+        super().__init__(ctx, tau=tau)
+        self.gradtail = GradTailWeighting(ctx, **options)
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        return self.gradtail.gt.backward(self.adjusted_loss(batch))
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        return self.gradtail.gt.weights(self.adjusted_loss(batch))
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return self.gradtail.scores()
+
+    def close(self) -> None:
+        self.gradtail.close()
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -353,6 +399,25 @@ _ALL = (
         lambda ctx, **o: GradTailWeighting(ctx, **({"reference": "mean"} | o)),
         gradtail=True,
         options={"reference": "mean"},
+    ),
+    Method(
+        "logit_adjustment",
+        "logit adjustment (Menon et al.)",
+        "logit-adjusted cross-entropy CE(f(x) + tau log pi, y), tau = 1, pi the training class prior; "
+        "predictions from f(x) (Menon et al., 2021)",
+        lambda ctx, tau=1.0: LogitAdjusted(ctx, tau=tau),
+        uses_class_counts=True,
+        options={"tau": 1.0},
+    ),
+    Method(
+        "logit_adjustment_gradtail",
+        "logit adjustment + GradTail",
+        "GradTail (defaults, GradTail(model), one-epoch warm-up) weighting the logit-adjusted loss "
+        "(tau = 1), scored on that loss's gradients",
+        lambda ctx, tau=1.0, **o: LogitAdjustedGradTail(ctx, tau=tau, **o),
+        uses_class_counts=True,
+        gradtail=True,
+        options={"tau": 1.0},
     ),
     Method(
         "gradtail_head",

@@ -65,6 +65,8 @@ from .train import train
 
 BENCHMARK = "longtail"
 SWEEP_BENCHMARK = "longtail_sweep"
+#: Round-two variants (sketched reference, deferred weighting, logit adjustment) on the MLP.
+VARIANTS_BENCHMARK = "longtail_variants"
 SCHEMA_VERSION = 1
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path("benchmarks/results/longtail.json")
@@ -359,6 +361,7 @@ VARIANT_KEYS: dict[str, Any] = {
     "normalize": bool,
     "warmup_steps": int,
     "warmup_epochs": float,
+    "sketch_rank": int,
 }
 
 
@@ -514,6 +517,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f'a variant sweep: the JSON is benchmark "{SWEEP_BENCHMARK}" (its own table in '
         "docs/benchmarks.md, variants ranked by validation only)",
     )
+    p.add_argument(
+        "--variants-table",
+        action="store_true",
+        help=f'the JSON is benchmark "{VARIANTS_BENCHMARK}" (default '
+        f"benchmarks/results/{VARIANTS_BENCHMARK}.json; its own section in docs/benchmarks.md, the "
+        "suite's usual table): for variants set beside the defaults without replacing the main table",
+    )
     p.add_argument("--note", default=None, help="free text stored in the JSON (e.g. why epochs were cut)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument(
@@ -537,6 +547,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.arch_skipped = {}
     if args.arch != "mlp" and args.sweep:
         p.error("--sweep chooses the MLP's defaults; it takes no --arch")
+    if args.variants_table and (args.sweep or args.arch != "mlp"):
+        p.error("--variants-table is the MLP's table of variants; it takes neither --sweep nor --arch")
     if args.methods is None and args.arch != "mlp":
         args.methods = list(ARCH_METHODS)
         reason = whole_model_gradtail_error(args.arch)
@@ -558,6 +570,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.arch != "mlp":
             default = default.with_name(f"longtail_{args.arch}.json")
             quick = quick.with_name(f"longtail_{args.arch}_quick.json")
+        if args.variants_table:
+            default = default.with_name(f"{VARIANTS_BENCHMARK}.json")
+            quick = quick.with_name(f"{VARIANTS_BENCHMARK}_quick.json")
         args.out = quick if args.quick else default
     if args.figures_dir is None:
         args.figures_dir = args.out.parent / "figures"
@@ -568,6 +583,8 @@ def benchmark_name(args: argparse.Namespace) -> str:
     """``longtail`` (the MLP), ``longtail_cnn`` / ``longtail_vit``, or ``longtail_sweep``."""
     if args.sweep:
         return SWEEP_BENCHMARK
+    if args.variants_table:
+        return VARIANTS_BENCHMARK
     return BENCHMARK if args.arch == "mlp" else f"{BENCHMARK}_{args.arch}"
 
 
