@@ -106,11 +106,13 @@ def every_layer(batch: int, repeats: int) -> dict[str, Any]:
     x = torch.randn(batch, MLP_DIMS[0], generator=g).to(DEVICE)
     y = torch.randint(0, MLP_DIMS[-1], (batch,), generator=g).to(DEVICE)
     variants: dict[str, tuple[nn.Module, GradTail | None]] = {}
-    for name in ("plain", "head", "every_layer_exact", "every_layer_sketch"):
+    for name in ("plain", "head", "head_sketch", "every_layer_exact", "every_layer_sketch"):
         model = _mlp(MLP_DIMS, seed=0)
         gt = None
         if name == "head":
             gt = GradTail(model[-1])
+        elif name == "head_sketch":
+            gt = GradTail(model[-1], sketch_rank=RANK)
         elif name == "every_layer_exact":
             gt = GradTail(model)
         elif name == "every_layer_sketch":
@@ -321,6 +323,7 @@ def accuracy(epochs: int, seed: int) -> dict[str, Any]:
 TARGETS: tuple[tuple[str, str, float], ...] = (
     ("every-layer step time vs plain (stretch 1.25)", "every_layer_time", 1.35),
     ("every-layer peak memory vs plain", "every_layer_memory", 1.30),
+    ("head alone (sketched) step time vs plain", "head_time", 1.15),
     ("LM head: sketch state / exact state", "lm_state", 0.02),
     ("LM head: max abs alignment difference", "lm_alignment", 0.02),
     ("LM head: step time vs plain", "lm_time", 1.10),
@@ -335,6 +338,7 @@ def target_values(doc: dict[str, Any]) -> dict[str, float | None]:
     return {
         "every_layer_time": sketch["time_ratio"],
         "every_layer_memory": sketch["memory_ratio"],
+        "head_time": doc["every_layer"]["variants"].get("head_sketch", {}).get("time_ratio"),
         "lm_state": lm["state_ratio"],
         "lm_alignment": lm["alignment_max_abs_diff"],
         "lm_time": lm["time_ratio_sketch"],
