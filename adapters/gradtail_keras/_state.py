@@ -15,7 +15,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradtail_ops import EMAState, GradTailConfig, MemoryState, SketchConfig, SketchFactors, TailState, tail_init
+from gradtail_ops import (
+    EMAState,
+    GradTailConfig,
+    MemoryState,
+    SketchConfig,
+    SketchFactors,
+    TailState,
+    tail_init,
+)
 from gradtail_ops.sketch import sketch_factors, use_sketch
 
 __all__ = ["GradTailState", "numpy_template"]

@@ -88,7 +88,8 @@ def test_sketched_state_saves_and_loads_whole(tmp_path: Path) -> None:
     xb, db = _low_rank_batches(1, seed=2)
     np.testing.assert_array_equal(restored.batch_weights(xb, db), cb.batch_weights(xb, db))
     saved, loaded = cb.get_state(), restored.get_state()
-    for a, b in zip(saved["sketch"][0] + saved["mean"][0], loaded["sketch"][0] + loaded["mean"][0], strict=True):
+    pairs = zip(saved["sketch"][0] + saved["mean"][0], loaded["sketch"][0] + loaded["mean"][0], strict=True)
+    for a, b in pairs:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
