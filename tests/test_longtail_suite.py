@@ -201,6 +201,21 @@ def test_jtt_upweights_exactly_the_error_set():
     np.testing.assert_allclose(w.numpy(), expected / expected.mean(), rtol=1e-6)
 
 
+def test_two_stage_gradtail_upweights_the_lowest_aligned_share():
+    import torch
+
+    from benchmarks.longtail.methods import Batch, Context
+
+    scores = np.array([0.9, -0.2, 0.5, np.nan, 0.1, 0.7, -0.5, 0.3, 0.8, 0.6])
+    ctx = Context(torch.nn.Linear(2, 2), np.array([6, 4]), 1, 0, alignments=lambda epochs: scores)
+    method = METHODS["gradtail_two_stage"].make(ctx, quantile=0.3, upweight=4.0)
+    w = method.weights(
+        Batch(torch.ones(10), torch.ones(10), torch.zeros(10, dtype=torch.long), 0, index=torch.arange(10))
+    )
+    expected = np.where(np.isin(np.arange(10), [6, 1, 4]), 4.0, 1.0)  # the three lowest; NaN is never tail
+    np.testing.assert_allclose(w.numpy(), expected / expected.mean(), rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["logit_adjustment", "logit_adjustment_gradtail"])
 def test_logit_adjustment_differentiates_the_adjusted_loss(name):
     """The head's gradient is that of mean CE(f(x) + log(prior), y), by hand in float64 (the

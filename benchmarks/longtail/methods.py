@@ -30,7 +30,9 @@ class Context:
     """What a method may know about a run (class counts only for the label-aware ones).
 
     ``misclassified(epochs)`` trains a fresh uniform model for ``epochs`` epochs and returns
-    which training examples it gets wrong, shape (n_train,) bool (JTT's first phase).
+    which training examples it gets wrong, shape (n_train,) bool (JTT's first phase);
+    ``alignments(epochs)`` returns every training example's GradTail alignment under such a
+    model instead, shape (n_train,) float (two-stage GradTail's first phase).
     """
 
     model: nn.Module
@@ -38,6 +40,7 @@ class Context:
     steps_per_epoch: int
     warmup_steps: int
     misclassified: Callable[[int], np.ndarray] | None = None
+    alignments: Callable[[int], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,39 @@ class JTT(Weighting):
         return self.table[batch.index]
 
 
+class TwoStageGradTail(Weighting):
+    """Two-stage GradTail, JTT's scheme with GradTail's score as the identification: a
+    uniform model trained ``identify_epochs`` epochs scores every training example's
+    alignment (``gradtail_torch.score_dataset``); the ``quantile`` share with the lowest
+    alignment (the examples whose gradient disagrees most with the data set's mean
+    direction) is the tail set, whose loss is weighted ``upweight`` when the run trains from
+    scratch (weights normalised to mean 1 over the training set). Label-frequency-free;
+    needs the examples' indices."""
+
+    def __init__(
+        self, ctx: Context, *, identify_epochs: int = 1, quantile: float = 0.2, upweight: float = 5.0
+    ) -> None:
+        if ctx.alignments is None:
+            raise ValueError(
+                "Two-stage GradTail needs ctx.alignments (the training loop's first phase); Received: None."
+            )
+        scores = np.asarray(ctx.alignments(identify_epochs), dtype=np.float64)
+        scores = np.where(np.isfinite(scores), scores, np.inf)  # a non-finite score is never tail
+        order = np.argsort(scores, kind="stable")
+        tail = np.zeros(len(scores), dtype=bool)
+        tail[order[: round(quantile * len(scores))]] = True
+        w = np.where(tail, upweight, 1.0)
+        self.table = torch.as_tensor(w / w.mean(), dtype=torch.float32)
+        self.tail_fraction = float(tail.mean())
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        if batch.index is None:
+            raise ValueError(
+                "Two-stage GradTail needs the batch's example indices; Received: Batch(index=None)."
+            )
+        return self.table[batch.index]
+
+
 class ClassBalancedGradTail(GradTailWeighting):
     """GradTail on top of class-balanced weights: ``w_i = c_{y_i} g_i`` renormalised so the
     batch keeps the class-balanced weights' batch sum (``c``: effective-number class weights,
@@ -290,6 +326,8 @@ class LogitAdjustedGradTail(LogitAdjusted):
 
 
 # ----------------------------------------------------------------------------- registry
+
+_TWO_STAGE = {"identify_epochs": 1, "upweight": 5.0}
 
 
 @dataclass(frozen=True)
@@ -382,6 +420,26 @@ _ALL = (
         "validation)",
         lambda ctx, **o: JTT(ctx, **({"identify_epochs": 1, "upweight": 5.0} | o)),
         options={"identify_epochs": 1, "upweight": 5.0},
+    ),
+    Method(
+        "gradtail_two_stage",
+        "two-stage GradTail",
+        "a uniform model trained 1 epoch (seed + 1) scores every training example's alignment "
+        "(score_dataset, every Linear); the lowest-aligned 20% are weighted 5 when the run retrains from "
+        "scratch (mean 1 over the training set): JTT with GradTail's score as the identification",
+        lambda ctx, **o: TwoStageGradTail(
+            ctx, **({"identify_epochs": 1, "quantile": 0.2, "upweight": 5.0} | o)
+        ),
+        options={"identify_epochs": 1, "quantile": 0.2, "upweight": 5.0},
+    ),
+    Method(
+        "gradtail_two_stage_q10",
+        "two-stage GradTail, 10%",
+        "as gradtail_two_stage with the lowest-aligned 10% weighted 5",
+        lambda ctx, **o: TwoStageGradTail(
+            ctx, **({"identify_epochs": 1, "quantile": 0.1, "upweight": 5.0} | o)
+        ),
+        options={"identify_epochs": 1, "quantile": 0.1, "upweight": 5.0},
     ),
     Method(
         "class_balanced_gradtail",

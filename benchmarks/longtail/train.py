@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradtail_torch import score_dataset
+
 from .data import LongTailData, subclass_metrics
 from .methods import METHODS as ALL_METHODS
 from .methods import Batch, Context
@@ -52,6 +54,10 @@ class RunResult:
     test_metrics: list[dict[str, Any]] = field(default_factory=list)
     val_metrics: list[dict[str, Any]] = field(default_factory=list)
     model: nn.Module | None = None
+
+
+def _per_example_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
 
 
 def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -137,12 +143,27 @@ def train(
         assert first.model is not None
         return np.asarray(predict(first.model, data.x_train) != data.y_train)
 
+    def alignments(identify_epochs: int) -> np.ndarray:
+        """Two-stage GradTail's first phase: a fresh uniform model (seed + 1, as JTT's), then
+        every training example's alignment with the data set's mean gradient direction
+        (``gradtail_torch.score_dataset`` over every Linear layer), shape (n_train,)."""
+        first = train(
+            data, "uniform", seed=seed + 1, epochs=identify_epochs, batch_size=batch_size, lr=lr,
+            hidden=hidden, arch=arch,
+        )  # fmt: skip
+        assert first.model is not None
+        batches = [
+            (x_all[i : i + 512], y_all[i : i + 512]) for i in range(0, n, 512)
+        ]  # fixed order: the scores follow the training set's
+        return np.asarray(score_dataset(first.model, batches, _per_example_ce), dtype=np.float64)
+
     ctx = Context(
         model,
         np.asarray(data.counts),
         steps_per_epoch,
         round(warmup_epochs * steps_per_epoch),
         misclassified=misclassified,
+        alignments=alignments,
     )
     options = dict(method_options or {})
     if spec.gradtail:
