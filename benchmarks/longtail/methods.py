@@ -327,8 +327,6 @@ class LogitAdjustedGradTail(LogitAdjusted):
 
 # ----------------------------------------------------------------------------- registry
 
-_TWO_STAGE = {"identify_epochs": 1, "upweight": 5.0}
-
 
 @dataclass(frozen=True)
 class Method:
@@ -341,6 +339,14 @@ class Method:
     uses_class_counts: bool = False
     gradtail: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def _two_stage(name: str, label: str, description: str, *, quantile: float) -> Method:
+    """A registry entry of `TwoStageGradTail` (1 identification epoch, upweight 5)."""
+    options = {"identify_epochs": 1, "quantile": quantile, "upweight": 5.0}
+    return Method(
+        name, label, description, lambda ctx, **o: TwoStageGradTail(ctx, **(options | o)), options=options
+    )
 
 
 _ALL = (
@@ -421,25 +427,19 @@ _ALL = (
         lambda ctx, **o: JTT(ctx, **({"identify_epochs": 1, "upweight": 5.0} | o)),
         options={"identify_epochs": 1, "upweight": 5.0},
     ),
-    Method(
+    _two_stage(
         "gradtail_two_stage",
         "two-stage GradTail",
         "a uniform model trained 1 epoch (seed + 1) scores every training example's alignment "
         "(score_dataset, every Linear); the lowest-aligned 20% are weighted 5 when the run retrains from "
         "scratch (mean 1 over the training set): JTT with GradTail's score as the identification",
-        lambda ctx, **o: TwoStageGradTail(
-            ctx, **({"identify_epochs": 1, "quantile": 0.2, "upweight": 5.0} | o)
-        ),
-        options={"identify_epochs": 1, "quantile": 0.2, "upweight": 5.0},
+        quantile=0.2,
     ),
-    Method(
+    _two_stage(
         "gradtail_two_stage_q10",
         "two-stage GradTail, 10%",
         "as gradtail_two_stage with the lowest-aligned 10% weighted 5",
-        lambda ctx, **o: TwoStageGradTail(
-            ctx, **({"identify_epochs": 1, "quantile": 0.1, "upweight": 5.0} | o)
-        ),
-        options={"identify_epochs": 1, "quantile": 0.1, "upweight": 5.0},
+        quantile=0.1,
     ),
     Method(
         "class_balanced_gradtail",
