@@ -96,9 +96,16 @@ def reconstruct(xp: ModuleType, y: Array, w: Array, factors: SketchFactors) -> t
     """``(Q, X)`` with ``G ≈ Q X``: ``Q`` (d_out, k) orthonormal columns, ``X`` (k, d_in).
 
     ``‖Q X‖_F = ‖X‖_F`` since ``QᵀQ = I``. A zero sketch (no update yet) gives ``X = 0``.
+
+    ``X = (Ψ Q)⁺ W`` is solved through the normal equations, a k x k solve instead of an SVD:
+    ``Ψ Q`` is a Gaussian matrix times orthonormal columns, so it is well conditioned (about
+    ``(1 + √(k/l)) / (1 - √(k/l))``, squared by the normal equations) whatever the rank of
+    ``Y``; least squares is exact whenever ``W = Ψ Q X`` has a solution (rank(G) ≤ k).
     """
     q, _ = xp.linalg.qr(y)
-    x = xp.linalg.pinv(factors.psi @ q) @ w
+    m = factors.psi @ q  # (l, k)
+    mt = xp.matrix_transpose(m)
+    x = xp.linalg.solve(mt @ m, mt @ w)
     return q, x
 
 
