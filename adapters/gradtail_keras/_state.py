@@ -9,6 +9,8 @@ epoch start) clears only the log sums; the reference and the memory persist acro
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -61,8 +63,9 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
     memory_size : int, optional
         Rows of the per-example memory (``GradTailConfig.memory.size``). Defaults to None (no
         memory).
-    sketch : gradtail_ops.SketchConfig, optional
-        Hold the reference kernel as the two sketches of `gradtail_ops.sketch` (range
+    sketch : gradtail_ops.SketchConfig or dict, optional
+        The sketched reference's options (or a dict of them, as `get_config` gives): the
+        reference kernel is then held as the two sketches of `gradtail_ops.sketch` (range
         (units, k) and co-range (l, input_dim), with their fixed test matrices) when that is
         at least 4x smaller than the kernel (`gradtail_ops.use_sketch`); the bias stays exact.
         Defaults to None (the exact kernel).
@@ -88,9 +91,11 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
         name: str = "gradtail",
         *,
         memory_size: int | None = None,
-        sketch: SketchConfig | None = None,
+        sketch: SketchConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(name=name, dtype="float32")
+        if isinstance(sketch, Mapping):
+            sketch = SketchConfig(**sketch)
         self.units, self.input_dim, self.use_bias = units, input_dim, use_bias
         self.memory_size = memory_size
         self.sketch = sketch
@@ -214,7 +219,7 @@ class GradTailState(keras.metrics.Metric):  # type: ignore[misc]
             "use_bias": self.use_bias,
             "name": self.name,
             "memory_size": self.memory_size,
-            "sketch": self.sketch,
+            "sketch": None if self.sketch is None else dataclasses.asdict(self.sketch),
         }
 
 

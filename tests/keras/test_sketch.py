@@ -108,6 +108,25 @@ def test_a_small_layer_stays_exact_and_an_exact_state_is_refused_by_a_sketch() -
     assert_raises(lambda: exact.set_state(sketched.get_state()), (ValueError, TypeError), "sketch")
 
 
+def test_state_metric_config_is_plain_data_and_round_trips() -> None:
+    from gradtail_keras._state import GradTailState
+
+    state = GradTailState(UNITS, D_IN, True, sketch=gt_sketch_config())
+    config = state.get_config()
+    assert config["sketch"] == {"rank": 3, "size": 7, "seed": 0}
+    again = GradTailState.from_config(config)
+    assert again.sketch == state.sketch
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(again.sketch_omega), keras.ops.convert_to_numpy(state.sketch_omega)
+    )
+
+
+def gt_sketch_config() -> Any:
+    from gradtail_ops import SketchConfig
+
+    return SketchConfig(rank=SKETCH["sketch_rank"], size=SKETCH["sketch_size"])
+
+
 @pytest.mark.parametrize("sketch_rank", [0, 2.5])
 def test_sketch_options_are_validated_at_construction(sketch_rank: Any) -> None:
     assert_raises(lambda: GradTailCallback(sketch_rank=sketch_rank), (ValueError, TypeError), "sketch_rank")
