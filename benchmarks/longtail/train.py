@@ -6,6 +6,7 @@ three the demo compares.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,28 +135,47 @@ def train(
     n = len(y_all)
     steps_per_epoch = int(np.ceil(n / batch_size))
 
-    def misclassified(identify_epochs: int) -> np.ndarray:
-        """JTT's error set: train a fresh uniform model (seed + 1) and flag its training errors."""
+    @functools.lru_cache(maxsize=2)
+    def first_model(identify_epochs: int) -> nn.Module:
+        """The first phase shared by the two-stage methods: a fresh uniform model (seed + 1)
+        trained ``identify_epochs`` epochs on the same training set."""
         first = train(
             data, "uniform", seed=seed + 1, epochs=identify_epochs, batch_size=batch_size, lr=lr,
             hidden=hidden, arch=arch,
         )  # fmt: skip
         assert first.model is not None
-        return np.asarray(predict(first.model, data.x_train) != data.y_train)
+        return first.model
+
+    def misclassified(identify_epochs: int) -> np.ndarray:
+        """JTT's error set: the first-phase model's training errors, shape (n_train,) bool."""
+        return np.asarray(predict(first_model(identify_epochs), data.x_train) != data.y_train)
+
+    def true_class_probability(identify_epochs: int) -> np.ndarray:
+        """AFR's score: the first-phase model's softmax probability of each training example's
+        label, shape (n_train,) float64 (eval mode)."""
+        model = first_model(identify_epochs)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            p = torch.cat(
+                [
+                    F.softmax(model(x_all[i : i + 1024]), dim=1).gather(1, y_all[i : i + 1024, None])[:, 0]
+                    for i in range(0, n, 1024)
+                ]
+            )
+        model.train(was_training)
+        return np.asarray(p.numpy(), dtype=np.float64)
 
     def alignments(identify_epochs: int) -> np.ndarray:
-        """Two-stage GradTail's first phase: a fresh uniform model (seed + 1, as JTT's), then
-        every training example's alignment with the data set's mean gradient direction
+        """Two-stage GradTail's first phase: every training example's alignment with the data
+        set's mean gradient direction under the first-phase model
         (``gradtail_torch.score_dataset`` over every Linear layer), shape (n_train,)."""
-        first = train(
-            data, "uniform", seed=seed + 1, epochs=identify_epochs, batch_size=batch_size, lr=lr,
-            hidden=hidden, arch=arch,
-        )  # fmt: skip
-        assert first.model is not None
         batches = [
             (x_all[i : i + 512], y_all[i : i + 512]) for i in range(0, n, 512)
         ]  # fixed order: the scores follow the training set's
-        return np.asarray(score_dataset(first.model, batches, _per_example_ce), dtype=np.float64)
+        return np.asarray(
+            score_dataset(first_model(identify_epochs), batches, _per_example_ce), dtype=np.float64
+        )
 
     ctx = Context(
         model,
@@ -164,6 +184,9 @@ def train(
         round(warmup_epochs * steps_per_epoch),
         misclassified=misclassified,
         alignments=alignments,
+        first_model=first_model,
+        true_class_probability=true_class_probability,
+        epochs=epochs,
     )
     options = dict(method_options or {})
     if spec.gradtail:
