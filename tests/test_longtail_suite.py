@@ -157,6 +157,34 @@ def test_variant_cli_parses_and_registers():
         parse_args(["--variant", "uniform", "decay=0.9"])
 
 
+def test_last_layer_variant_registers_last_layer_retraining():
+    import torch
+
+    from benchmarks.longtail.methods import Context, LastLayerRetraining
+    from benchmarks.longtail.run import parse_args
+
+    parse_args(["--methods", "uniform", "--variant", "t_ll", "last_layer=alignment", "gamma=4"])
+    spec = METHODS.pop("t_ll")
+    assert spec.options == {"last_layer": "alignment", "gamma": 4.0}
+    model = torch.nn.Linear(2, 2)
+    ctx = Context(
+        model, np.array([1, 1]), 1, 0, epochs=1, first_model=lambda e: torch.nn.Linear(2, 2),
+        true_class_probability=lambda e: np.zeros(3), alignments=lambda e: np.array([0.1, 0.3, 0.2]),
+    )  # fmt: skip
+    method = spec.make(ctx)
+    assert isinstance(method, LastLayerRetraining)
+    expected = np.exp(-4.0 * np.array([0.0, 1.0, 0.5]))
+    np.testing.assert_allclose(method.table.numpy(), expected / expected.mean(), rtol=1e-6)
+    for bad in (
+        ["last_layer=loss", "gamma=2"],
+        ["last_layer=p_true"],
+        ["last_layer=p_true", "gamma=2", "decay=0.9"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--variant", "t_bad", *bad])
+        METHODS.pop("t_bad", None)
+
+
 def test_selected_epoch_is_the_first_best():
     from benchmarks.longtail.run import selected_epoch
 

@@ -50,7 +50,7 @@ from .analysis import (
     weight_vs_score,
 )
 from .datasets import DATASETS, SPLIT_SEED, load_dataset
-from .methods import METHODS, Context, GradTailWeighting, Method, Weighting
+from .methods import METHODS, Context, GradTailWeighting, LastLayerRetraining, Method, Weighting
 from .metrics import (
     GROUPS,
     LATE_FRACTION,
@@ -362,6 +362,8 @@ VARIANT_KEYS: dict[str, Any] = {
     "warmup_steps": int,
     "warmup_epochs": float,
     "sketch_rank": int,
+    "last_layer": str,
+    "gamma": float,
 }
 
 
@@ -389,6 +391,28 @@ def register_variant(name: str, options: dict[str, Any]) -> None:
     if name in METHODS:
         raise SystemExit(f"--variant NAME must be new; Received: {name!r}, already a method.")
     text = ", ".join(f"{k}={v}" for k, v in options.items()) or "no changes"
+
+    if "last_layer" in options or "gamma" in options:
+        if set(options) != {"last_layer", "gamma"}:
+            raise SystemExit(
+                f"--variant {name}: a last-layer variant takes last_layer=p_true|alignment and gamma=G "
+                f"alone; Received: {sorted(options)}."
+            )
+        if options["last_layer"] not in ("p_true", "alignment"):
+            raise SystemExit(
+                f"--variant {name}: last_layer must be p_true or alignment; "
+                f"Received: {options['last_layer']!r}."
+            )
+        METHODS[name] = Method(
+            name,
+            f"last-layer retraining variant {name}",
+            f"last-layer retraining (as afr) with score {options['last_layer']}, gamma {options['gamma']:g}",
+            lambda ctx, **more: LastLayerRetraining(
+                ctx, score=options["last_layer"], gamma=options["gamma"], **more
+            ),
+            options=dict(options),
+        )
+        return
 
     def make(ctx: Context, **more: Any) -> Weighting:
         opts = dict(options) | more
