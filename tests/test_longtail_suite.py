@@ -280,6 +280,50 @@ def test_last_layer_retraining_starts_from_the_first_model_and_trains_the_head_a
         METHODS[name].make(ctx, score="loss")
 
 
+def test_logit_adjusted_last_layer_differentiates_the_weighted_adjusted_loss():
+    """The head's gradient is that of mean_i w_i CE(f(x_i) + tau log(prior), y_i), w_i =
+    exp(-gamma s_i) / mean, by hand in float64; the first layer stays frozen."""
+    import torch
+
+    from benchmarks.longtail.methods import Batch, Context
+    from benchmarks.longtail.run import parse_args
+
+    parse_args(["--variant", "t_la_ll", "last_layer=alignment", "gamma=2", "tau=0.5"])
+    spec = METHODS.pop("t_la_ll")
+    assert spec.uses_class_counts
+    rng = np.random.default_rng(1)
+    counts, n = np.array([40, 8, 2]), 6
+    x, y = rng.normal(size=(n, 3)), np.array([0, 1, 2, 0, 1, 0])
+    torch.manual_seed(0)
+    first = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    align = np.array([0.5, -0.1, 0.2, 0.9, 0.0, 0.3])
+    ctx = Context(
+        model, counts, 1, 0, epochs=2, first_model=lambda e: first,
+        true_class_probability=lambda e: np.zeros(n), alignments=lambda e: align,
+    )  # fmt: skip
+    method = spec.make(ctx)
+    logits = model(torch.as_tensor(x))
+    plain = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y), reduction="none")
+    w = method.backward(Batch(plain, logits, torch.as_tensor(y), 0, index=torch.arange(n)))
+    ranks = np.argsort(np.argsort(align)) / (n - 1)
+    w_ref = np.exp(-2.0 * ranks)
+    w_ref /= w_ref.mean()
+    np.testing.assert_allclose(w.numpy(), w_ref, rtol=1e-6)
+    h = np.tanh(x @ first[0].weight.detach().numpy().T + first[0].bias.detach().numpy())
+    z = (
+        h @ first[2].weight.detach().numpy().T
+        + first[2].bias.detach().numpy()
+        + 0.5 * np.log(counts / counts.sum())
+    )
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dz = w_ref[:, None] * (p - np.eye(3)[y]) / n
+    np.testing.assert_allclose(model[2].weight.grad.numpy(), dz.T @ h, rtol=1e-5)
+    np.testing.assert_allclose(model[2].bias.grad.numpy(), dz.sum(0), rtol=1e-5)
+    assert model[0].weight.grad is None
+
+
 @pytest.mark.parametrize("name", ["logit_adjustment", "logit_adjustment_gradtail"])
 def test_logit_adjustment_differentiates_the_adjusted_loss(name):
     """The head's gradient is that of mean CE(f(x) + log(prior), y), by hand in float64 (the

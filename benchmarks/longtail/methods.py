@@ -278,7 +278,8 @@ class LastLayerRetraining(Weighting):
     probability of the example's label; ``score="alignment"`` puts GradTail's in its place,
     ``s_i`` the percentile rank in [0, 1] of the example's alignment under the first model
     (``score_dataset``; cosines of a trained model crowd a narrow band, a rank spreads them),
-    so the least-fitted / least-aligned examples weigh most. ``identify_epochs=None`` trains
+    so the least-fitted / least-aligned examples weigh most; ``score="none"`` weighs every
+    example 1 (plain last-layer retraining). ``identify_epochs=None`` trains
     the first phase as long as the run (``ctx.epochs``). Simplifications, stated in the
     registry: one training set for both phases (AFR holds out a reweighting split) and no class
     balancing of the weights or L2 pull to the first head (label-frequency-free). Needs the
@@ -298,13 +299,15 @@ class LastLayerRetraining(Weighting):
         if score == "p_true":
             s = np.asarray(ctx.true_class_probability(epochs), dtype=np.float64)
             s = np.where(np.isfinite(s), s, 1.0)  # a non-finite score is never upweighted
+        elif score == "none":  # plain last-layer retraining: every weight 1
+            s = np.zeros(len(np.asarray(ctx.true_class_probability(epochs))))
         elif score == "alignment":
             a = np.asarray(ctx.alignments(epochs), dtype=np.float64)
             a = np.where(np.isfinite(a), a, np.inf)
             s = np.empty(len(a))
             s[np.argsort(a, kind="stable")] = np.arange(len(a)) / max(len(a) - 1, 1)
         else:
-            raise ValueError(f"score must be 'p_true' or 'alignment'; Received: {score!r}.")
+            raise ValueError(f"score must be 'p_true', 'alignment' or 'none'; Received: {score!r}.")
         w = np.exp(-gamma * s)
         self.table = torch.as_tensor(w / w.mean(), dtype=torch.float32)
         ctx.model.load_state_dict(ctx.first_model(epochs).state_dict())
@@ -382,6 +385,23 @@ class LogitAdjustedGradTail(LogitAdjusted):
 
     def close(self) -> None:
         self.gradtail.close()
+
+
+class LogitAdjustedLastLayer(LastLayerRetraining):
+    """Last-layer retraining (``LastLayerRetraining``: the first-phase uniform model's features
+    frozen, the head retrained with ``exp(-gamma s)`` weights) on the logit-adjusted loss
+    ``CE(f(x) + tau log(pi), y)`` (``LogitAdjusted``): the class prior corrected by the loss,
+    the within-class tail by the weights; ``score="none"`` is the prior correction alone
+    (decoupled classifier retraining with logit adjustment). Uses the class counts."""
+
+    def __init__(self, ctx: Context, *, tau: float = 1.0, **options: Any) -> None:
+        super().__init__(ctx, **options)
+        self.adjusted = LogitAdjusted(ctx, tau=tau)
+
+    def backward(self, batch: Batch) -> torch.Tensor:
+        w = self.weights(batch)
+        (w * self.adjusted.adjusted_loss(batch)).mean().backward()
+        return w
 
 
 # ----------------------------------------------------------------------------- registry

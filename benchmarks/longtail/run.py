@@ -50,7 +50,15 @@ from .analysis import (
     weight_vs_score,
 )
 from .datasets import DATASETS, SPLIT_SEED, load_dataset
-from .methods import METHODS, Context, GradTailWeighting, LastLayerRetraining, Method, Weighting
+from .methods import (
+    METHODS,
+    Context,
+    GradTailWeighting,
+    LastLayerRetraining,
+    LogitAdjustedLastLayer,
+    Method,
+    Weighting,
+)
 from .metrics import (
     GROUPS,
     LATE_FRACTION,
@@ -364,6 +372,7 @@ VARIANT_KEYS: dict[str, Any] = {
     "sketch_rank": int,
     "last_layer": str,
     "gamma": float,
+    "tau": float,
 }
 
 
@@ -392,24 +401,32 @@ def register_variant(name: str, options: dict[str, Any]) -> None:
         raise SystemExit(f"--variant NAME must be new; Received: {name!r}, already a method.")
     text = ", ".join(f"{k}={v}" for k, v in options.items()) or "no changes"
 
-    if "last_layer" in options or "gamma" in options:
-        if set(options) != {"last_layer", "gamma"}:
+    if {"last_layer", "gamma", "tau"} & set(options):
+        if not {"last_layer", "gamma"} <= set(options) <= {"last_layer", "gamma", "tau"}:
             raise SystemExit(
-                f"--variant {name}: a last-layer variant takes last_layer=p_true|alignment and gamma=G "
-                f"alone; Received: {sorted(options)}."
+                f"--variant {name}: a last-layer variant takes last_layer=p_true|alignment|none, gamma=G "
+                f"and optionally tau=T (logit adjustment) alone; Received: {sorted(options)}."
             )
-        if options["last_layer"] not in ("p_true", "alignment"):
+        if options["last_layer"] not in ("p_true", "alignment", "none"):
             raise SystemExit(
-                f"--variant {name}: last_layer must be p_true or alignment; "
+                f"--variant {name}: last_layer must be p_true, alignment or none; "
                 f"Received: {options['last_layer']!r}."
             )
+        tau = options.get("tau")
+        adjusted = f", on the logit-adjusted loss (tau {tau:g})" if tau is not None else ""
         METHODS[name] = Method(
             name,
             f"last-layer retraining variant {name}",
-            f"last-layer retraining (as afr) with score {options['last_layer']}, gamma {options['gamma']:g}",
-            lambda ctx, **more: LastLayerRetraining(
-                ctx, score=options["last_layer"], gamma=options["gamma"], **more
+            f"last-layer retraining (as afr) with score {options['last_layer']}, gamma {options['gamma']:g}"
+            + adjusted,
+            lambda ctx, **more: (
+                LastLayerRetraining(ctx, score=options["last_layer"], gamma=options["gamma"], **more)
+                if tau is None
+                else LogitAdjustedLastLayer(
+                    ctx, score=options["last_layer"], gamma=options["gamma"], tau=tau, **more
+                )
             ),
+            uses_class_counts=tau is not None,
             options=dict(options),
         )
         return
