@@ -15,12 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from .validation import check_real
+
 __all__ = [
     "data_map",
     "export_ranking",
     "memory_arrays",
     "plot_data_map",
     "rank",
+    "retraining_weights",
     "save_image_grid",
     "to_numpy",
 ]
@@ -77,6 +80,58 @@ def rank(scores: Array, /) -> np.ndarray:
     idx = np.arange(s.shape[0])
     missing = ~np.isfinite(s)
     return np.lexsort((idx, np.where(missing, 0.0, s), missing)).astype(np.int64)
+
+
+def retraining_weights(scores: Array, /, *, gamma: float = 2.0) -> np.ndarray:
+    """Per-example loss weights for retraining on a scored data set: ``exp(-gamma * r_i)``, mean 1.
+
+    ``r_i`` is the percentile rank of example ``i``'s score in [0, 1] (0 for the lowest, most
+    tail-like score; tied scores share their average rank; NaN scores rank last). It is the
+    second stage of a two-stage scheme: score every training example under a first model
+    (``gradtail_torch.score_dataset``, ``gradtail_optax.score_batches``), then retrain, e.g.
+    the last layer on the frozen features, with these weights. This is automatic feature
+    reweighting (AFR; Qiu et al., 2023, "Simple and Fast Group Robustness by Automatic
+    Feature Reweighting", ICML, arXiv:2306.11074) with GradTail's alignment (Chen et al.,
+    2022, "GradTail: Learning Long-Tailed Data Using Gradient-based Sample Weighting",
+    arXiv:2201.05938) in place of the label probability; a rank rather than the raw cosine,
+    because the cosines of a trained model crowd a narrow band. docs/tail_mining.md shows
+    the recipe and what it measured.
+
+    Parameters
+    ----------
+    scores : array, shape (N,)
+        One score per example, low = tail-like; any library (converted to NumPy).
+    gamma : float, optional
+        How steeply the weight falls with the rank: the lowest-scored example weighs
+        ``exp(gamma)`` times the highest. Finite, ``>= 0``; ``0`` gives every example 1.
+        Defaults to 2.0.
+
+    Returns
+    -------
+    ndarray, shape (N,), float64
+        Weights with mean 1 (empty for ``N == 0``).
+
+    Raises
+    ------
+    ValueError
+        ``scores`` not of shape (N,), or ``gamma`` negative or not finite.
+
+    Examples
+    --------
+    >>> retraining_weights(np.array([0.3, -0.1, 0.3, np.nan]), gamma=3.0).round(3)
+    array([0.597, 2.674, 0.597, 0.133])
+    """
+    g = check_real("gamma", gamma, low=0.0)
+    s = _scores("scores", scores)
+    n = s.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    nan = np.isnan(s)
+    position = np.full(n, n - (nan.sum() + 1) / 2.0)  # the NaNs share the last places
+    _, inverse, counts = np.unique(s[~nan], return_inverse=True, return_counts=True)
+    position[~nan] = (np.cumsum(counts) - counts + (counts - 1) / 2.0)[inverse]
+    w = np.exp(-g * (position / max(n - 1, 1)))
+    return np.asarray(w / w.mean(), dtype=np.float64)
 
 
 def memory_arrays(memory: Any, /, *, unvisited: float = float("nan")) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradtail_ops
+from gradtail_ops.mining import retraining_weights
 from gradtail_torch import GradTail
 
 
@@ -297,19 +298,16 @@ class LastLayerRetraining(Weighting):
         if epochs is None:
             raise ValueError("identify_epochs is needed when ctx.epochs is unknown; Received: None.")
         if score == "p_true":
-            s = np.asarray(ctx.true_class_probability(epochs), dtype=np.float64)
-            s = np.where(np.isfinite(s), s, 1.0)  # a non-finite score is never upweighted
+            p_true = np.asarray(ctx.true_class_probability(epochs), dtype=np.float64)
+            w = np.exp(-gamma * np.where(np.isfinite(p_true), p_true, 1.0))  # non-finite: never upweighted
+            w = w / w.mean()
         elif score == "none":  # plain last-layer retraining: every weight 1
-            s = np.zeros(len(np.asarray(ctx.true_class_probability(epochs))))
-        elif score == "alignment":
-            a = np.asarray(ctx.alignments(epochs), dtype=np.float64)
-            a = np.where(np.isfinite(a), a, np.inf)
-            s = np.empty(len(a))
-            s[np.argsort(a, kind="stable")] = np.arange(len(a)) / max(len(a) - 1, 1)
+            w = np.ones(len(np.asarray(ctx.true_class_probability(epochs))))
+        elif score == "alignment":  # the library's mode: gradtail_ops.mining.retraining_weights
+            w = retraining_weights(np.asarray(ctx.alignments(epochs), dtype=np.float64), gamma=gamma)
         else:
             raise ValueError(f"score must be 'p_true', 'alignment' or 'none'; Received: {score!r}.")
-        w = np.exp(-gamma * s)
-        self.table = torch.as_tensor(w / w.mean(), dtype=torch.float32)
+        self.table = torch.as_tensor(w, dtype=torch.float32)  # mean 1
         ctx.model.load_state_dict(ctx.first_model(epochs).state_dict())
         head = [m for m in ctx.model.modules() if isinstance(m, nn.Linear)][-1]
         trainable = {id(p) for p in head.parameters()}
