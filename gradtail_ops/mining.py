@@ -102,9 +102,9 @@ def retraining_weights(scores: Array, /, *, gamma: float = 2.0) -> np.ndarray:
     scores : array, shape (N,)
         One score per example, low = tail-like; any library (converted to NumPy).
     gamma : float, optional
-        How steeply the weight falls with the rank: the lowest-scored example weighs
-        ``exp(gamma)`` times the highest. Finite, ``>= 0``; ``0`` gives every example 1.
-        Defaults to 2.0.
+        How steeply the weight falls with the rank: with distinct extremes, the lowest-scored
+        example weighs ``exp(gamma)`` times the highest. Finite, ``>= 0``; ``0`` gives every
+        example 1. Defaults to 2.0.
 
     Returns
     -------
@@ -130,7 +130,8 @@ def retraining_weights(scores: Array, /, *, gamma: float = 2.0) -> np.ndarray:
     position = np.full(n, n - (nan.sum() + 1) / 2.0)  # the NaNs share the last places
     _, inverse, counts = np.unique(s[~nan], return_inverse=True, return_counts=True)
     position[~nan] = (np.cumsum(counts) - counts + (counts - 1) / 2.0)[inverse]
-    w = np.exp(-g * (position / max(n - 1, 1)))
+    r = position / max(n - 1, 1)
+    w = np.exp(-g * (r - r.min()))  # from the lowest rank: no underflow to 0 / 0 for a large gamma
     return np.asarray(w / w.mean(), dtype=np.float64)
 
 

@@ -116,7 +116,7 @@ def test_added_tables_split_disjointly_without_leaking_the_target(name):
 def _agg(dataset: str, method: str, few: list[float], bal: list[float], lds_few: list[float]) -> dict:
     def stats(v: list[float]) -> dict:
         a = np.asarray(v)
-        return {"mean": float(a.mean()), "std": float(a.std(ddof=1)), "n": len(a)}
+        return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
 
     return {
         "dataset": dataset,
@@ -145,6 +145,8 @@ def test_checks_apply_two_standard_errors_on_every_table():
     assert "fails on a" in stretch["detail"]
     a_only = {c["name"]: c for c in checks([a])}
     assert a_only["gradtail_pred_head: few-shot MAE below uniform by > 2 SE, every table"]["passed"] is True
+    one_seed = checks([_agg("a", "gradtail_pred_head", [-0.01], [0.0], [1.0])])
+    assert [c["passed"] for c in one_seed if "2 SE" in c["name"]] == [None, None]  # no standard error
 
 
 def test_cli_runs_in_parallel_and_reuses_its_checkpoint(tmp_path):

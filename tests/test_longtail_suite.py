@@ -280,6 +280,48 @@ def test_last_layer_retraining_starts_from_the_first_model_and_trains_the_head_a
         METHODS[name].make(ctx, score="loss")
 
 
+def test_last_layer_retraining_keeps_a_cnn_s_features_fixed_in_train_mode():
+    """BatchNorm statistics and dropout belong to the frozen features: after head-only steps in
+    train mode, everything but the head equals the first model, and two forwards agree."""
+    import torch
+
+    from benchmarks.longtail.methods import Batch, Context
+    from benchmarks.longtail.models import build_model
+
+    torch.manual_seed(0)
+    first, model = build_model("cnn", 784, 3), build_model("cnn", 784, 3)
+    first.train()
+    with torch.no_grad():
+        first(torch.randn(32, 784))  # BatchNorm statistics of its own
+    n = 16
+    ctx = Context(
+        model, np.array([8, 8]), 1, 0, epochs=1, first_model=lambda e: first,
+        true_class_probability=lambda e: np.linspace(0, 1, n), alignments=lambda e: np.zeros(n),
+    )  # fmt: skip
+    method = METHODS["afr"].make(ctx)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(n, 784), torch.randint(0, 3, (n,))
+    model.train()
+    for step in range(3):
+        opt.zero_grad()
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        method.backward(Batch(loss, logits, y, step, index=torch.arange(n)))
+        opt.step()
+    head_name = [k for k, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    head_keys = {f"{head_name}.weight", f"{head_name}.bias"}
+    theirs = first.state_dict()
+    for key, value in model.state_dict().items():
+        if key in head_keys:
+            assert not torch.equal(value, theirs[key]), key  # the head did train
+        else:
+            assert torch.equal(value, theirs[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))  # no dropout noise in train mode
+    method.close()
+    assert model.training
+
+
 def test_logit_adjusted_last_layer_differentiates_the_weighted_adjusted_loss():
     """The head's gradient is that of mean_i w_i CE(f(x_i) + tau log(prior), y_i), w_i =
     exp(-gamma s_i) / mean, by hand in float64; the first layer stays frozen."""

@@ -78,6 +78,12 @@ def test_properties_mean_one_order_and_spread(scores, gamma):
         assert w.max() / w.min() == pytest.approx(math.exp(gamma), rel=1e-9)
 
 
+def test_large_gamma_stays_finite_from_the_lowest_rank():
+    np.testing.assert_array_equal(retraining_weights(np.zeros(4), gamma=2000.0), 1.0)
+    w = retraining_weights(np.array([0.0, 0.0, 1.0, np.nan]), gamma=2000.0)
+    np.testing.assert_allclose(w, [2.0, 2.0, 0.0, 0.0], atol=1e-300)
+
+
 def test_gamma_zero_empty_and_single():
     np.testing.assert_array_equal(retraining_weights(np.array([3.0, -1.0, np.nan]), gamma=0.0), 1.0)
     assert retraining_weights(np.zeros(0)).shape == (0,)

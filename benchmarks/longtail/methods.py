@@ -313,6 +313,16 @@ class LastLayerRetraining(Weighting):
         trainable = {id(p) for p in head.parameters()}
         for p in ctx.model.parameters():
             p.requires_grad_(id(p) in trainable)  # Adam skips parameters without a gradient
+        frozen = [m for m in ctx.model.modules() if m is not head and m is not ctx.model]
+
+        def features_in_eval_mode(module: nn.Module, args: Any) -> None:
+            # The loop switches the model back to train mode after each evaluation: keep the
+            # frozen features deterministic (no dropout, BatchNorm statistics unchanged), as AFR's
+            # precomputed embeddings are.
+            for m in frozen:
+                m.training = False
+
+        self.handle = ctx.model.register_forward_pre_hook(features_in_eval_mode)
 
     def weights(self, batch: Batch) -> torch.Tensor:
         if batch.index is None:
@@ -320,6 +330,9 @@ class LastLayerRetraining(Weighting):
                 "Last-layer retraining needs the batch's example indices; Received: Batch(index=None)."
             )
         return self.table[batch.index]
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 class ClassBalancedGradTail(GradTailWeighting):
@@ -416,6 +429,9 @@ class Method:
     uses_class_counts: bool = False
     gradtail: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    #: Bumped when the method's code changes its numbers; part of the run key when nonzero, so
+    #: ``--checkpoint`` does not reuse rows of the older code.
+    version: int = 0
 
 
 def _two_stage(name: str, label: str, description: str, *, quantile: float) -> Method:
@@ -426,12 +442,21 @@ def _two_stage(name: str, label: str, description: str, *, quantile: float) -> M
     )
 
 
+#: The last-layer methods' code version (2: ties share their rank, the features kept in eval mode).
+LAST_LAYER_VERSION = 2
+
+
 def _last_layer(name: str, label: str, description: str, *, gamma: float, score: str) -> Method:
     """A registry entry of `LastLayerRetraining` (the first phase as long as the run; the run's
     own epochs retrain the head)."""
     options: dict[str, Any] = {"gamma": gamma, "score": score}
     return Method(
-        name, label, description, lambda ctx, **o: LastLayerRetraining(ctx, **(options | o)), options=options
+        name,
+        label,
+        description,
+        lambda ctx, **o: LastLayerRetraining(ctx, **(options | o)),
+        options=options,
+        version=LAST_LAYER_VERSION if score == "alignment" else 0,
     )
 
 

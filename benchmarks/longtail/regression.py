@@ -313,6 +313,12 @@ def _metric(row: dict[str, Any], key: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _per_bin(row: dict[str, Any]) -> np.ndarray:
+    """A row's per-bin test MAE as float64; an empty bin (NaN, or None once a checkpoint has
+    stored it as JSON) is NaN."""
+    return np.array([np.nan if v is None else v for v in row["test"]["per_bin"]], dtype=np.float64)
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds per (data set, method); paired deltas with seeds-better counts."""
     out = []
@@ -327,7 +333,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 k: mean_std([r["test"][k] for r in group])
                 for k in ("mae", "balanced_mae", "late_balanced_mae", *GROUPS)
             },
-            "per_bin_mean": np.nanmean([r["test"]["per_bin"] for r in group], axis=0).tolist(),
+            "per_bin_mean": np.nanmean([_per_bin(r) for r in group], axis=0).tolist(),
             "val": {k: mean_std([r["val"][k] for r in group]) for k in ("balanced_mae", "late_balanced_mae")},
             "seconds_per_epoch": mean_std([r["seconds_per_epoch"] for r in group]),
             "weight_by_group": {g: mean_std([r["weight_by_group"][g] for r in group]) for g in GROUPS},
@@ -341,12 +347,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 agg[key] = None
         base = [r for r in rows if r["dataset"] == dataset and r["method"] == "uniform"]
         if base and method != "uniform":
-            per_bin = [
-                np.asarray(r["test"]["per_bin"]) - np.asarray(b["test"]["per_bin"])
-                for r in group
-                for b in base
-                if b["seed"] == r["seed"]
-            ]
+            per_bin = [_per_bin(r) - _per_bin(b) for r in group for b in base if b["seed"] == r["seed"]]
             agg["per_bin_delta_vs_uniform"] = {
                 "mean": np.nanmean(per_bin, axis=0).tolist(),
                 "std": (
@@ -363,8 +364,9 @@ COMPOSITIONS = (("lds_gradtail_pred_head", "lds"), ("bmc_gradtail_pred_head", "b
 
 
 def _bound(delta: dict[str, Any], sign: float) -> float | None:
-    """``mean + sign * 2 SE`` of a paired delta (SE = std / sqrt(n)); None without values."""
-    if delta.get("mean") is None or not delta.get("n"):
+    """``mean + sign * 2 SE`` of a paired delta (SE = std / sqrt(n)); None with fewer than two
+    seeds (one seed has no standard error)."""
+    if delta.get("mean") is None or (delta.get("n") or 0) < 2:
         return None
     return float(delta["mean"] + sign * 2.0 * delta["std"] / np.sqrt(delta["n"]))
 

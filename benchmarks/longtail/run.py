@@ -51,6 +51,7 @@ from .analysis import (
 )
 from .datasets import DATASETS, SPLIT_SEED, load_dataset
 from .methods import (
+    LAST_LAYER_VERSION,
     METHODS,
     Context,
     GradTailWeighting,
@@ -218,6 +219,8 @@ def run_key(dataset: str, seed: int, method: str, epochs: int, args: argparse.Na
     }
     if args.arch != "mlp":  # keeps the keys of the MLP runs' checkpoints
         key["arch"] = args.arch
+    if spec.version:
+        key["version"] = spec.version
     if spec.gradtail:
         key["defaults"] = [
             gradtail_ops.DEFAULT_REFERENCE,
@@ -413,19 +416,27 @@ def register_variant(name: str, options: dict[str, Any]) -> None:
                 f"Received: {options['last_layer']!r}."
             )
         tau = options.get("tau")
+        gamma = options["gamma"]
+        if not (math.isfinite(gamma) and gamma >= 0) or (tau is not None and not math.isfinite(tau)):
+            raise SystemExit(
+                f"--variant {name}: gamma must be finite and >= 0, tau finite; Received: gamma={gamma}, "
+                f"tau={tau}."
+            )
         adjusted = f", on the logit-adjusted loss (tau {tau:g})" if tau is not None else ""
+        fixed = {"score": options["last_layer"], "gamma": options["gamma"]}
+
+        def make_last_layer(ctx: Context, **more: Any) -> Weighting:
+            if tau is None:
+                return LastLayerRetraining(ctx, **(fixed | more))
+            return LogitAdjustedLastLayer(ctx, **({"tau": tau} | fixed | more))
+
         METHODS[name] = Method(
             name,
             f"last-layer retraining variant {name}",
             f"last-layer retraining (as afr) with score {options['last_layer']}, gamma {options['gamma']:g}"
             + adjusted,
-            lambda ctx, **more: (
-                LastLayerRetraining(ctx, score=options["last_layer"], gamma=options["gamma"], **more)
-                if tau is None
-                else LogitAdjustedLastLayer(
-                    ctx, score=options["last_layer"], gamma=options["gamma"], tau=tau, **more
-                )
-            ),
+            make_last_layer,
+            version=LAST_LAYER_VERSION if options["last_layer"] == "alignment" else 0,
             uses_class_counts=tau is not None,
             options=dict(options),
         )
