@@ -63,7 +63,8 @@ TITLES = {
     "longtail_cnn": "Long-tailed data: a CNN",
     "longtail_vit": "Long-tailed data: a small ViT",
     "longtail_sweep": "Long-tailed data: choosing GradTail's defaults (validation only)",
-    "longtail_variants": "Long-tailed data: the sketched reference, deferred weighting, logit adjustment",
+    "longtail_variants": "Long-tailed data: the sketched reference, deferred weighting, logit adjustment, "
+    "last-layer retraining",
     "longtail_regression": "Imbalanced regression",
     "longtail_keras": "Long-tailed data in Keras: GradTailCallback in model.fit",
     "sketch_reference": "The sketched reference (sketch_rank) against the exact one",

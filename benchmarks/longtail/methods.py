@@ -559,7 +559,7 @@ _ALL = (
     ),
     _last_layer(
         "afr",
-        "AFR-style last-layer retraining",
+        "AFR-style, gamma 2",
         _AFR_TEXT + "s = the first model's probability of the label, gamma 2 (Qiu et al., 2023; one "
         "training set for both phases, no class balancing)",
         gamma=2.0,
@@ -574,7 +574,7 @@ _ALL = (
     ),
     _last_layer(
         "gradtail_last_layer",
-        "GradTail last-layer retraining",
+        "GradTail last-layer retraining, gamma 2",
         _AFR_TEXT + "s = the percentile rank of the example's alignment under the first model "
         "(score_dataset, every Linear), gamma 2: AFR with GradTail's score",
         gamma=2.0,

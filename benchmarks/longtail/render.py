@@ -49,6 +49,60 @@ def _lt_paired(doc: dict[str, Any], dataset: str, method: str, base: str, key: s
     return {"mean": mean, "std": var**0.5, "n": len(pairs), "n_positive": sum(x > 0 for x in pairs)}
 
 
+def _last_layer_kind(meta: dict[str, Any]) -> tuple[str, float | None] | None:
+    """``(score, tau)`` of a last-layer retraining method from its options, else None."""
+    options = meta.get("options") or {}
+    score = options.get("score", options.get("last_layer"))
+    if score is None or "gamma" not in options:
+        return None
+    return str(score), options.get("tau")
+
+
+def _last_layer_section(doc: dict[str, Any]) -> list[str]:
+    """Each weighted last-layer retraining paired against plain last-layer retraining (every
+    weight 1, the same first model and epochs, the same loss): what the weights add."""
+    methods = doc.get("methods", {})
+    kinds = {m: _last_layer_kind(meta) for m, meta in methods.items()}
+    plain = {k[1]: m for m, k in kinds.items() if k is not None and k[0] == "none"}
+    pairs = [(m, plain[k[1]]) for m, k in kinds.items() if k is not None and k[0] != "none" and k[1] in plain]
+    if not pairs:
+        return []
+    out = [
+        "### Last-layer retraining: what the weights add",
+        "",
+        "Each weighted last-layer retraining paired against plain last-layer retraining (the same "
+        "first model, frozen features and epochs, every weight 1; with logit adjustment, the plain "
+        "retraining on the same adjusted loss), per seed, at the selected epoch unless stated. "
+        "Their s / epoch above time the head retraining only; the first phase costs a uniform run "
+        "of the same length.",
+        "",
+    ]
+    for dataset, info in doc.get("datasets", {}).items():
+        hidden = info.get("hidden")
+        keys = ["selected_balanced_accuracy", "late_balanced_accuracy"] + (
+            ["selected_rare_subclass", "selected_worst_subclass"] if hidden else ["selected_few"]
+        )
+        names = ["Δ balanced (pp)", "Δ late mean (pp)"] + (
+            ["Δ rare subclass (pp)", "Δ worst subclass (pp)"] if hidden else ["Δ few (pp)"]
+        )
+        rows = []
+        for method, base in pairs:
+            cells = []
+            for key in keys:
+                d = _lt_paired(doc, dataset, method, base, key)
+                cells.append("n/a" if d is None else f"{pm(d, 2, signed=True)} ({d['n_positive']}/{d['n']})")
+            if any(c != "n/a" for c in cells):
+                rows.append([_lt_label(methods, method), _lt_label(methods, base), *cells])
+        if rows:
+            out += [
+                f"**{info.get('name', dataset)}**",
+                "",
+                table(["method", "paired with", *names], rows),
+                "",
+            ]
+    return out
+
+
 def _lt_verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
@@ -242,6 +296,7 @@ def render(doc: dict[str, Any]) -> str:
             "",
         ]
 
+    out += _last_layer_section(doc)
     targets = _lt_targets(doc)
     if targets:
         out += [

@@ -430,9 +430,14 @@ def register_variant(name: str, options: dict[str, Any]) -> None:
                 return LastLayerRetraining(ctx, **(fixed | more))
             return LogitAdjustedLastLayer(ctx, **({"tau": tau} | fixed | more))
 
+        label = {
+            "none": "plain last-layer retraining",
+            "p_true": f"AFR-style, gamma {gamma:g}",
+            "alignment": f"GradTail last-layer retraining, gamma {gamma:g}",
+        }[options["last_layer"]] + (", logit-adjusted" if tau is not None else "")
         METHODS[name] = Method(
             name,
-            f"last-layer retraining variant {name}",
+            label,
             f"last-layer retraining (as afr) with score {options['last_layer']}, gamma {options['gamma']:g}"
             + adjusted,
             make_last_layer,
@@ -824,6 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "description": METHODS[m].description,
                 "uses_class_counts": METHODS[m].uses_class_counts,
                 "gradtail": METHODS[m].gradtail,
+                "options": METHODS[m].options,
             }
             for m in methods
         },
