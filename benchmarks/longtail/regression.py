@@ -24,7 +24,6 @@ import argparse
 import functools
 import io
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import _meta
 from .._render import (
@@ -49,7 +47,8 @@ from .analysis import aggregate_tail_detection, window_auroc
 from .metrics import GROUPS, delta_stats, late_epochs, mean_std, paired_deltas
 from .regression_data import EDGE_QUANTILE, N_BINS, SPECS, SPLIT_SEED, RegressionData, load_regression
 from .regression_methods import REG_METHODS, RegBatch, RegContext
-from .run import clean, dumps, load_checkpoint, machine_info, rel, save_checkpoint
+from .run import dumps, machine_info, rel
+from .runner import clean, load_and_run, run_tasks
 
 BENCHMARK = "longtail_regression"
 SCHEMA_VERSION = 2
@@ -297,12 +296,6 @@ def run_key(dataset: str, seed: int, method: str, epochs: int, args: argparse.Na
 @functools.lru_cache(maxsize=2)
 def _data(dataset: str, seed: int) -> RegressionData:
     return load_regression(dataset, seed)
-
-
-def _run_task(task: tuple[str, int, str, int], args: argparse.Namespace) -> dict[str, Any]:
-    """One run in a worker process (``--jobs``)."""
-    dataset, seed, method, epochs = task
-    return run_one(_data(dataset, seed), dataset, method, seed, epochs, args, None)
 
 
 # ------------------------------------------------------------------------------ aggregate
@@ -615,44 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "test_per_bin": np.bincount(data.b_test, minlength=N_BINS).tolist(),
             "epochs": epochs[dataset],
         }
-    bar = tqdm(
-        total=sum(t[-1] for t in tasks), unit="step", disable=args.no_progress, file=sys.stderr,
-        dynamic_ncols=True,
-    )  # fmt: skip
-    cached = load_checkpoint(args.checkpoint)
-    results: dict[tuple[str, int, str], dict[str, Any]] = {}
-    for t in tasks:
-        row = cached.get(run_key(*t[:4], args))
-        if row is not None:
-            results[t[:3]] = row
-            bar.update(t[-1])
-    todo = [t for t in tasks if t[:3] not in results]
-
-    def done(task: tuple[str, int, str, int, int], row: dict[str, Any]) -> None:
-        results[task[:3]] = row
-        save_checkpoint(args.checkpoint, run_key(*task[:4], args), row)
-
-    if args.jobs <= 1:
-        for task in todo:
-            dataset, seed, method, n_epochs, _ = task
-            bar.set_postfix_str(f"{dataset} {method} seed {seed}")
-            done(task, run_one(_data(dataset, seed), dataset, method, seed, n_epochs, args, bar))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
-            initargs=(args.threads,),
-        ) as pool:  # fmt: skip
-            futures = {pool.submit(_run_task, t[:4], args): t for t in todo}
-            for future in as_completed(futures):
-                task = futures[future]
-                done(task, future.result())
-                bar.update(task[-1])
-                bar.set_postfix_str(f"done {task[0]} {task[2]} seed {task[1]}")
-    bar.close()
-    rows = [results[t[:3]] for t in tasks]
+    rows, _ = run_tasks(tasks, functools.partial(load_and_run, _data, run_one), args, key=run_key)
     paired_deltas(rows, DELTA_METRICS, _metric)
     paired_deltas(rows, DELTA_METRICS, _metric, base_method="lds", out="delta_vs_lds")
     paired_deltas(rows, DELTA_METRICS, _metric, base_method="bmc", out="delta_vs_bmc")

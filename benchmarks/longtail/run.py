@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import gradtail_ops
 
@@ -70,6 +68,7 @@ from .metrics import (
     selected_epoch,
 )
 from .models import ARCH_TEXT, ARCHS, build_model
+from .runner import clean, load_and_run, run_tasks
 from .train import train
 
 BENCHMARK = "longtail"
@@ -232,34 +231,9 @@ def run_key(dataset: str, seed: int, method: str, epochs: int, args: argparse.Na
     return json.dumps(key, sort_keys=True, default=str)
 
 
-def load_checkpoint(path: Path | None) -> dict[str, dict[str, Any]]:
-    """Rows of earlier runs saved by ``--checkpoint`` (one JSON object per line), by run key."""
-    if path is None or not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            out[entry["key"]] = entry["row"]
-    return out
-
-
-def save_checkpoint(path: Path | None, key: str, row: dict[str, Any]) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps({"key": key, "row": clean(row)}) + "\n")
-
-
 @functools.lru_cache(maxsize=2)
 def _split(dataset: str, seed: int) -> Any:
     return load_dataset(dataset, seed)
-
-
-def _run_task(task: tuple[str, int, str, int], args: argparse.Namespace) -> dict[str, Any]:
-    """One run in a worker process (``--jobs``)."""
-    dataset, seed, method, n_epochs = task
-    return run_one(_split(dataset, seed), dataset, method, seed, n_epochs, args, None)
 
 
 def add_deltas(rows: list[dict[str, Any]]) -> None:
@@ -314,19 +288,6 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- JSON
-
-
-def clean(obj: Any) -> Any:
-    """NaN/inf become null (strict JSON), numpy scalars Python numbers, floats 6 significant digits."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return float(f"{obj:.6g}") if math.isfinite(obj) else None  # 6 significant digits
-    return obj
 
 
 def dumps(doc: Any, level: int = 0) -> str:
@@ -712,52 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for m in methods
             if not (skip and METHODS[m].uses_class_counts)
         ]
-    bar = tqdm(
-        total=sum(t[-1] for t in tasks),
-        unit="step",
-        disable=args.no_progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
+    rows, n_reused = run_tasks(
+        tasks, functools.partial(load_and_run, _split, run_one), args, key=run_key, read=args.reuse
     )
-    results: dict[tuple[str, int, str], dict[str, Any]] = {}
-    cached: dict[str, dict[str, Any]] = {}
-    for path in [*args.reuse, args.checkpoint]:
-        cached |= load_checkpoint(path)
-    reused = []
-    for t in list(tasks):
-        row = cached.get(run_key(*t[:4], args))
-        if row is not None:
-            results[t[:3]] = row
-            reused.append(t)
-            bar.update(t[-1])
-    todo = [t for t in tasks if t not in reused]
-
-    def done(task: tuple[str, int, str, int, int], row: dict[str, Any]) -> None:
-        results[task[:3]] = row
-        save_checkpoint(args.checkpoint, run_key(*task[:4], args), row)
-
-    if args.jobs <= 1:
-        for task in todo:
-            dataset, seed, method, n_epochs, _ = task
-            bar.set_postfix_str(f"{dataset} {method} seed {seed}")
-            done(task, run_one(_split(dataset, seed), dataset, method, seed, n_epochs, args, bar))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
-            initargs=(args.threads,),
-        ) as pool:  # fmt: skip
-            futures = {pool.submit(_run_task, t[:4], args): t for t in todo}
-            for future in as_completed(futures):
-                task = futures[future]
-                dataset, seed, method, _, steps = task
-                done(task, future.result())
-                bar.update(steps)
-                bar.set_postfix_str(f"done {dataset} {method} seed {seed}")
-    rows = [results[t[:3]] for t in tasks]
-    bar.close()
     add_deltas(rows)
     machine |= _meta.load_fields(load_before, _meta.load_average())
     deviations = _meta.deviations(
@@ -820,8 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else {
             "path": rel(args.checkpoint),
             "reuse": [rel(p) for p in args.reuse],
-            "reused_runs": len(reused),
-            "new_runs": len(todo),
+            "reused_runs": n_reused,
+            "new_runs": len(tasks) - n_reused,
         },
         "methods": {
             m: {
