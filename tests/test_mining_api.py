@@ -358,3 +358,33 @@ def test_score_head_batches_equals_materialised_head_scores():
     kernel_ref, bias_ref = (np.asarray(t, np.float64) for t in state.ema.mean[0])
     ref = np.concatenate([bias_ref, kernel_ref.T.reshape(-1)])  # the state keeps (d_out, d_in)
     np.testing.assert_allclose(got, numpy_cosines(flat, ref), atol=2e-5)
+
+
+class _Encoder(torch.nn.Module):
+    """A transformer encoder classifier: its attention's out_proj runs through its weight only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(3, 8)
+        layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+def test_score_dataset_on_a_transformer_leaves_out_attention_out_proj_with_a_warning():
+    model = _Encoder().double()
+    x, y = torch.randn(12, 5, 3, dtype=torch.float64), torch.randint(0, 3, (12,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    with pytest.warns(UserWarning, match=r"score_dataset does not track \['encoder.layers.0.self_attn.out_proj'\]"):
+        got = score_dataset(model, loader, ce)
+    out_proj = model.encoder.layers[0].self_attn.out_proj
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not out_proj]
+    assert len(layers) == 4  # embed, the two feed-forward layers, head
+    g = materialised_grads(model, layers, x, y, ce)
+    np.testing.assert_allclose(got, numpy_cosines(g, direction_reference(g)), atol=1e-10)
+    with pytest.raises(ValueError, match="`modules` holds a layer score_dataset cannot score"):
+        score_dataset(model, loader, ce, modules=[out_proj, model.head])

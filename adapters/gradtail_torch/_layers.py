@@ -25,6 +25,8 @@ from torch.nn.parameter import UninitializedParameter
 __all__ = [
     "bias_of",
     "collect_layers",
+    "refusal",
+    "warn_untracked",
     "grad_layout",
     "is_conv1d",
     "layout_error",
@@ -63,6 +65,26 @@ def _refusal(module: nn.Module) -> str | None:
     return None
 
 
+def refusal(module: nn.Module) -> str | None:
+    """Why GradTail cannot track ``module``, or None when it can.
+
+    Refused: an ``nn.MultiheadAttention`` ``out_proj``, an ``nn.Linear`` subclass with its own
+    forward.
+    """
+    return _refusal(module)
+
+
+def warn_untracked(who: str, root: nn.Module, skipped: list[str], *, stacklevel: int) -> None:
+    """The one warning for layers of a whole model that ``who`` leaves out, with the reasons."""
+    reasons = sorted({_refusal(m) or "" for name, m in root.named_modules() if name in skipped})
+    warnings.warn(
+        f"{who} does not track {skipped}: {'; '.join(reasons)}. They train as usual but "
+        "are not part of the score; every other nn.Linear is (docs/torch.md, Supported models).",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def _trackable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -93,13 +115,7 @@ def collect_layers(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.Mo
             _check_initialised(m, name or type(m).__name__)
             layers.append(m)
         if skipped:
-            reasons = sorted({_refusal(m) or "" for name, m in root.named_modules() if name in skipped})
-            warnings.warn(
-                f"GradTail(model) does not track {skipped}: {'; '.join(reasons)}. They train as usual but "
-                "are not part of the score; every other nn.Linear is (docs/torch.md, Supported models).",
-                UserWarning,
-                stacklevel=3,
-            )
+            warn_untracked("GradTail(model)", root, skipped, stacklevel=4)
         if not layers:
             raise ValueError(
                 "GradTail(module) tracks the module's nn.Linear (and transformers Conv1D) submodules, but "

@@ -19,6 +19,7 @@ from gradtail_ops import (
     multi_linear_dots_and_sq_norms,
 )
 
+from ._layers import refusal, warn_untracked
 from .hook import GradTail
 
 __all__ = ["score_dataset"]
@@ -70,21 +71,39 @@ class _Capture:
 
 
 def _linears(model: nn.Module, modules: nn.Module | Iterable[nn.Module] | None) -> list[nn.Linear]:
+    """The nn.Linear layers to score, by GradTail's rules.
+
+    A whole module's are found, leaving out (with a warning) those no hook can see, e.g.
+    nn.MultiheadAttention's out_proj; a layer named explicitly must be trackable.
+    """
     if modules is None:
         modules = model
     if isinstance(modules, nn.Linear):
-        return [modules]
-    found = (
-        [m for m in modules.modules() if isinstance(m, nn.Linear)]
-        if isinstance(modules, nn.Module)
-        else list(modules)
-    )
-    bad = [type(m).__name__ for m in found if not isinstance(m, nn.Linear)]
-    if not found or bad:
+        named: list[tuple[str, nn.Module]] = [("", modules)]
+        whole = None
+    elif isinstance(modules, nn.Module):
+        named = [(n, m) for n, m in modules.named_modules() if isinstance(m, nn.Linear)]
+        whole = modules
+    else:
+        named = [(f"position {k}", m) for k, m in enumerate(modules)]
+        whole = None
+    bad = [type(m).__name__ for _, m in named if not isinstance(m, nn.Linear)]
+    if not named or bad:
         raise ValueError(
             "`modules` must be an nn.Linear, a sequence of nn.Linear or a module holding some; "
-            f"Received: {len(found)} modules, of which not nn.Linear: {bad}."
+            f"Received: {len(named)} modules, of which not nn.Linear: {bad}."
         )
+    refused = [n for n, m in named if refusal(m) is not None]
+    if refused and whole is None:
+        m = next(m for n, m in named if n == refused[0])
+        raise ValueError(
+            f"`modules` holds a layer score_dataset cannot score: {refusal(m)}; Received: {refused}."
+        )
+    if refused and whole is not None:
+        warn_untracked("score_dataset", whole, refused, stacklevel=4)
+    found = [m for n, m in named if n not in refused]
+    if not found:
+        raise ValueError(f"`modules` holds no nn.Linear that score_dataset can score; Received: {refused}.")
     return found  # type: ignore[return-value]
 
 
