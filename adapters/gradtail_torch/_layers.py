@@ -50,8 +50,12 @@ def is_conv1d(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
-def _refusal(module: nn.Module) -> str | None:
-    """Why ``module`` cannot be tracked, or None when it can."""
+def refusal(module: nn.Module) -> str | None:
+    """Why GradTail cannot track ``module``, or None when it can.
+
+    Refused: an ``nn.MultiheadAttention`` ``out_proj``, an ``nn.Linear`` subclass with its own
+    forward.
+    """
     if isinstance(module, NonDynamicallyQuantizableLinear):
         return (
             "it is nn.MultiheadAttention's out_proj, which attention applies through its weight "
@@ -65,18 +69,9 @@ def _refusal(module: nn.Module) -> str | None:
     return None
 
 
-def refusal(module: nn.Module) -> str | None:
-    """Why GradTail cannot track ``module``, or None when it can.
-
-    Refused: an ``nn.MultiheadAttention`` ``out_proj``, an ``nn.Linear`` subclass with its own
-    forward.
-    """
-    return _refusal(module)
-
-
 def warn_untracked(who: str, root: nn.Module, skipped: list[str], *, stacklevel: int) -> None:
     """The one warning for layers of a whole model that ``who`` leaves out, with the reasons."""
-    reasons = sorted({_refusal(m) or "" for name, m in root.named_modules() if name in skipped})
+    reasons = sorted({refusal(m) or "" for name, m in root.named_modules() if name in skipped})
     warnings.warn(
         f"{who} does not track {skipped}: {'; '.join(reasons)}. They train as usual but "
         "are not part of the score; every other nn.Linear is (docs/torch.md, Supported models).",
@@ -109,7 +104,7 @@ def collect_layers(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.Mo
         for name, m in root.named_modules():
             if not _trackable(m):
                 continue
-            if _refusal(m) is not None:
+            if refusal(m) is not None:
                 skipped.append(name)
                 continue
             _check_initialised(m, name or type(m).__name__)
@@ -134,7 +129,7 @@ def collect_layers(modules: nn.Module | Iterable[nn.Module]) -> tuple[list[nn.Mo
                 "GradTail tracks nn.Linear modules and transformers Conv1D (pass a whole model to track all "
                 f"of its Linear layers); Received: {type(m).__name__} at position {k}."
             )
-        reason = _refusal(m)
+        reason = refusal(m)
         if reason is not None:
             raise TypeError(
                 f"GradTail cannot track the {type(m).__name__} at position {k}: {reason}. Track other layers "
